@@ -1,0 +1,1 @@
+"""``python -m bench``: latency and throughput benchmarks of calm-rt."""

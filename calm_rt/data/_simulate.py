@@ -1,0 +1,660 @@
+"""A two-photon calcium-imaging simulator with known ground truth.
+
+The model, the extraction and the benchmarks are measured against it, so it
+follows the biophysics rather than being convenient:
+
+* **Animals.** Each animal has a low-dimensional nonlinear latent dynamical
+  system (a small random rate RNN) driven by its behaviour. Sessions of one
+  animal share that system and sample different, overlapping subsets of the
+  animal's neurons (chronic imaging of one field, re-found cells).
+* **Behaviour.** Locomotion bouts (running speed, two-state Markov bouts),
+  slow arousal (pupil: an Ornstein-Uhlenbeck process pulled up by running)
+  and discrete stimulus presentations (1 s boxcars at Poisson onsets).
+* **Neurons.** Mixed tuning: every neuron mixes latent, running, pupil and
+  stimulus drive, with one dominant (its functional ``type``). Log-rates are
+  linear in the drive; spikes are Poisson per frame.
+* **Calcium and fluorescence.** Spikes through a double-exponential indicator
+  kernel with GCaMP6s/6f/8m rise and decay times, a saturating dF/F response,
+  slow multiplicative baseline drift (bleaching), neuropil contamination with
+  a per-neuron coefficient, then photon shot noise and read noise.
+* **Movies** (optional): the same cells rendered as footprints on a 2D field
+  with a smooth background and neuropil, rigid motion jitter, shot and read
+  noise, as uint16 frames - with footprints, shifts and true traces saved.
+
+Everything is deterministic for a seed: each animal, session and component
+draws from its own child of one ``numpy.random.SeedSequence``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage, signal
+
+from calm_rt.data._session import Session, validate_session, write_npz
+from calm_rt.errors import ConfigError
+
+__all__ = [
+    "BEHAVIOR_NAMES",
+    "INDICATORS",
+    "NEURON_TYPES",
+    "AnimalModel",
+    "Indicator",
+    "MovieTruth",
+    "SessionTruth",
+    "SimConfig",
+    "make_animal",
+    "render_movie",
+    "simulate_corpus",
+    "simulate_session",
+]
+
+BEHAVIOR_NAMES = ("running_speed", "pupil", "stimulus")
+NEURON_TYPES = ("latent", "running", "pupil", "stimulus")
+_TYPE_PROBS = (0.4, 0.25, 0.15, 0.2)
+
+
+@dataclass(frozen=True)
+class Indicator:
+    """A genetically encoded calcium indicator's response to one spike.
+
+    Attributes:
+        tau_rise_s, tau_decay_s: double-exponential kernel time constants.
+        dff_per_spike: dF/F of an isolated spike, below saturation.
+        saturation_spikes: calcium level (in single-spike peaks) at which
+            the dF/F response is half of its linear extrapolation.
+    """
+
+    name: str
+    tau_rise_s: float
+    tau_decay_s: float
+    dff_per_spike: float
+    saturation_spikes: float = 12.0
+
+
+# Values in the range reported by Chen et al. 2013 (GCaMP6) and Zhang et al.
+# 2023 (jGCaMP8) for single action potentials in cortical neurons.
+INDICATORS: dict[str, Indicator] = {
+    "GCaMP6s": Indicator("GCaMP6s", tau_rise_s=0.08, tau_decay_s=1.2, dff_per_spike=0.25),
+    "GCaMP6f": Indicator("GCaMP6f", tau_rise_s=0.04, tau_decay_s=0.45, dff_per_spike=0.18),
+    "GCaMP8m": Indicator("GCaMP8m", tau_rise_s=0.01, tau_decay_s=0.25, dff_per_spike=0.30),
+}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to simulate. ``neurons`` and ``frames`` are per session."""
+
+    animals: int = 2
+    sessions: int = 2
+    neurons: int = 120
+    frames: int = 3000
+    fps: float = 30.0
+    indicator: str = "mixed"  # a key of INDICATORS, or "mixed": cycle over animals
+    latent_dim: int = 8
+    latent_tau_s: float = 0.8
+    latent_gain: float = 1.4
+    latent_noise: float = 0.4
+    pool_factor: float = 1.5  # each animal has pool_factor * neurons cells
+    baseline_photons: float = 400.0
+    read_noise_photons: float = 4.0
+    neuropil_level: float = 0.5  # neuropil brightness relative to the cell's
+    movie: bool = False
+    movie_size: int = 256
+    motion_px: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("animals", "sessions", "neurons", "frames", "latent_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frames < 10:
+            raise ConfigError(f"frames must be >= 10, got {self.frames}")
+        if not 1.0 <= self.fps <= 200.0:
+            raise ConfigError(f"fps must be in [1, 200] Hz, got {self.fps}")
+        if self.indicator != "mixed" and self.indicator not in INDICATORS:
+            raise ConfigError(
+                f"indicator must be 'mixed' or one of {sorted(INDICATORS)}, got {self.indicator!r}"
+            )
+        if self.pool_factor < 1.0:
+            raise ConfigError(f"pool_factor must be >= 1, got {self.pool_factor}")
+        if self.movie and self.movie_size < 32:
+            raise ConfigError(f"movie_size must be >= 32 pixels, got {self.movie_size}")
+
+    def indicator_for(self, animal: int) -> Indicator:
+        if self.indicator == "mixed":
+            return list(INDICATORS.values())[animal % len(INDICATORS)]
+        return INDICATORS[self.indicator]
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    """An independent generator for one (animal, session, component) key."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+# ---------------------------------------------------------------------------
+# Animals: latent system and neuron pool
+
+
+@dataclass(frozen=True, eq=False)
+class AnimalModel:
+    """What sessions of one animal share."""
+
+    index: int
+    indicator: Indicator
+    recurrent: np.ndarray  # [D, D] latent RNN weights
+    input_weights: np.ndarray  # [D, 3] behaviour -> latent drive
+    latent_bias: np.ndarray  # [D]
+    neuron_types: np.ndarray  # [P] index into NEURON_TYPES
+    mix: np.ndarray  # [P, 4] weight of latent, running, pupil, stimulus drive
+    latent_readout: np.ndarray  # [P, D] unit vectors
+    base_rate_hz: np.ndarray  # [P]
+    rate_gain: np.ndarray  # [P]
+    baseline_photons: np.ndarray  # [P]
+    neuropil_coef: np.ndarray  # [P] true contamination coefficient
+
+    @property
+    def pool_size(self) -> int:
+        return int(self.neuron_types.shape[0])
+
+    @property
+    def animal_id(self) -> str:
+        return f"animal{self.index:02d}"
+
+
+def make_animal(config: SimConfig, index: int) -> AnimalModel:
+    """Draw one animal's latent system and neuron pool."""
+    rng = _rng(config.seed, index, 0)
+    d = config.latent_dim
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    recurrent = config.latent_gain * q  # orthogonal * gain: rich, bounded by tanh
+    input_weights = rng.normal(scale=1.2, size=(d, len(BEHAVIOR_NAMES)))
+    latent_bias = rng.normal(scale=0.2, size=d)
+    pool = int(math.ceil(config.pool_factor * config.neurons))
+    types = rng.choice(len(NEURON_TYPES), size=pool, p=_TYPE_PROBS)
+    mix = 0.3 * rng.random((pool, len(NEURON_TYPES)))
+    mix[np.arange(pool), types] += 1.0
+    mix /= np.linalg.norm(mix, axis=1, keepdims=True)
+    readout = rng.normal(size=(pool, d))
+    readout /= np.linalg.norm(readout, axis=1, keepdims=True)
+    return AnimalModel(
+        index=index,
+        indicator=config.indicator_for(index),
+        recurrent=recurrent,
+        input_weights=input_weights,
+        latent_bias=latent_bias,
+        neuron_types=types,
+        mix=mix,
+        latent_readout=readout,
+        base_rate_hz=np.exp(rng.normal(math.log(1.5), 0.6, size=pool)),
+        rate_gain=rng.uniform(0.9, 1.6, size=pool),
+        baseline_photons=config.baseline_photons * np.exp(rng.normal(0.0, 0.35, size=pool)),
+        neuropil_coef=rng.uniform(0.6, 0.8, size=pool),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Behaviour and latents
+
+
+def _lowpass(x: np.ndarray, tau_frames: float, axis: int = 0) -> np.ndarray:
+    """Causal first-order low-pass filter with time constant ``tau_frames``."""
+    a = math.exp(-1.0 / max(tau_frames, 1e-6))
+    return signal.lfilter([1.0 - a], [1.0, -a], x, axis=axis)
+
+
+def _simulate_behavior(rng: np.random.Generator, frames: int, fps: float) -> np.ndarray:
+    """``[T, 3]``: running speed (cm/s), pupil (a.u.), stimulus on (0/1)."""
+    dt = 1.0 / fps
+    running = np.zeros(frames, bool)
+    state = False
+    p_start, p_stop = dt / 8.0, dt / 4.0  # mean rest 8 s, mean bout 4 s
+    u = rng.random(frames)
+    for t in range(frames):
+        state = (u[t] >= p_stop) if state else (u[t] < p_start)
+        running[t] = state
+    # Each bout has its own target speed; the animal accelerates smoothly.
+    bout_id = np.cumsum(np.diff(running.astype(int), prepend=0) == 1)
+    targets = rng.uniform(10.0, 35.0, size=bout_id.max() + 2)
+    target = np.where(running, targets[bout_id], 0.0)
+    speed = _lowpass(target, 0.4 * fps) + rng.normal(0.0, 0.8, frames) * running
+    speed = np.clip(speed, 0.0, None)
+    arousal = _lowpass(running.astype(float), 2.0 * fps)
+    ou = _lowpass(rng.normal(0.0, math.sqrt(2.0 * 8.0 * fps), frames), 8.0 * fps)
+    pupil = 1.0 + 0.15 * ou + 0.5 * arousal + rng.normal(0.0, 0.01, frames)
+    stim = np.zeros(frames)
+    t = int(rng.exponential(5.0 * fps))
+    while t < frames:
+        stim[t : t + int(round(1.0 * fps))] = 1.0
+        t += int(round(3.0 * fps + rng.exponential(7.0 * fps)))
+    return np.stack([speed, pupil, stim], axis=1).astype(np.float32)
+
+
+def _standardize(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    return (x - x.mean(axis=axis, keepdims=True)) / (x.std(axis=axis, keepdims=True) + 1e-8)
+
+
+def _simulate_latents(
+    rng: np.random.Generator, animal: AnimalModel, behavior_z: np.ndarray, config: SimConfig
+) -> np.ndarray:
+    """``[T, D]`` latent trajectory of the animal's RNN driven by behaviour."""
+    frames = behavior_z.shape[0]
+    dt = 1.0 / config.fps
+    k = dt / config.latent_tau_s
+    noise = rng.normal(0.0, config.latent_noise * math.sqrt(dt), size=(frames, config.latent_dim))
+    drive = behavior_z @ animal.input_weights.T + animal.latent_bias
+    x = np.zeros(config.latent_dim)
+    out = np.empty((frames, config.latent_dim))
+    for t in range(frames):
+        x = x + k * (-x + np.tanh(animal.recurrent @ x + drive[t])) + noise[t]
+        out[t] = x
+    return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Spikes to fluorescence
+
+
+def _calcium(spikes: np.ndarray, indicator: Indicator, fps: float) -> np.ndarray:
+    """Double-exponential indicator kernel, peak-normalised to 1 per spike. ``[N, T]``."""
+    dt = 1.0 / fps
+    ad = math.exp(-dt / indicator.tau_decay_s)
+    ar = math.exp(-dt / indicator.tau_rise_s)
+    decay = signal.lfilter([1.0], [1.0, -ad], spikes, axis=1)
+    rise = signal.lfilter([1.0], [1.0, -ar], spikes, axis=1)
+    kernel = decay - rise
+    # Peak of the continuous kernel exp(-t/td) - exp(-t/tr) to normalise.
+    td, tr = indicator.tau_decay_s, indicator.tau_rise_s
+    t_peak = td * tr / (td - tr) * math.log(td / tr)
+    peak = math.exp(-t_peak / td) - math.exp(-t_peak / tr)
+    # Sampled at frame times the peak is a little lower; keep the continuous
+    # normalisation so one spike means the same calcium at any frame rate.
+    return (kernel / peak).astype(np.float32)
+
+
+def _dff_response(calcium: np.ndarray, indicator: Indicator) -> np.ndarray:
+    """Saturating dF/F: linear for few spikes, saturating for bursts."""
+    k = indicator.saturation_spikes
+    return indicator.dff_per_spike * k * calcium / (calcium + k)
+
+
+@dataclass(frozen=True, eq=False)
+class SessionTruth:
+    """What the simulator knows and a real experiment does not."""
+
+    spikes: np.ndarray  # [N, T] uint8 counts per frame
+    rates_hz: np.ndarray  # [N, T] float32
+    calcium: np.ndarray  # [N, T] float32, single-spike peaks
+    cell_fluorescence: np.ndarray  # [N, T] float32, noiseless cell F (no neuropil)
+    latents: np.ndarray  # [T, D] float32
+    neuron_types: tuple[str, ...]
+    pool_index: np.ndarray  # [N] which of the animal's cells
+    neuropil_coef: np.ndarray  # [N]
+    indicator: Indicator
+    stimulus_onsets: np.ndarray  # frame indices
+
+
+def simulate_session(
+    config: SimConfig, animal: AnimalModel, session_index: int
+) -> tuple[Session, SessionTruth]:
+    """Simulate one session of ``animal``; returns the session and its truth."""
+    rng = _rng(config.seed, animal.index, session_index + 1)
+    frames, fps, n = config.frames, config.fps, config.neurons
+    behavior = _simulate_behavior(rng, frames, fps)
+    behavior_z = _standardize(behavior)
+    latents = _simulate_latents(rng, animal, behavior_z, config)
+    cells = np.sort(rng.choice(animal.pool_size, size=n, replace=False))
+
+    # Drive: each neuron mixes a latent projection with the behaviour channels.
+    latent_drive = _standardize(latents @ animal.latent_readout[cells].T)  # [T, N]
+    stim_drive = _standardize(_lowpass(behavior[:, 2], 0.15 * fps))
+    components = np.stack(
+        [
+            latent_drive,
+            np.broadcast_to(behavior_z[:, :1], latent_drive.shape),
+            np.broadcast_to(behavior_z[:, 1:2], latent_drive.shape),
+            np.broadcast_to(stim_drive[:, None], latent_drive.shape),
+        ],
+        axis=-1,
+    )  # [T, N, 4]
+    drive = np.einsum("tnk,nk->nt", components, animal.mix[cells])
+    gain = animal.rate_gain[cells, None]
+    rates = animal.base_rate_hz[cells, None] * np.exp(gain * drive - 0.5 * gain**2)
+    rates = np.minimum(rates, 40.0).astype(np.float32)
+    spikes = rng.poisson(rates / fps).astype(np.uint8)
+
+    indicator = animal.indicator
+    calcium = _calcium(spikes.astype(np.float32), indicator, fps)
+    dff = _dff_response(calcium, indicator)
+
+    # Slow multiplicative drift (bleaching plus wander) of each cell's baseline.
+    t_axis = np.arange(frames) / frames
+    wander = _lowpass(rng.normal(0.0, 1.0, size=(n, frames)), 60.0 * fps, axis=1)
+    wander *= 0.05 / (wander.std(axis=1, keepdims=True) + 1e-8)
+    drift = (1.0 - 0.05 * t_axis)[None, :] * (1.0 + wander)
+    f0 = animal.baseline_photons[cells, None] * drift
+    cell_f = (f0 * (1.0 + dff)).astype(np.float32)
+
+    # Neuropil: the local population's smoothed activity plus slow background.
+    pop = _lowpass(dff.mean(axis=0), 0.5 * fps)
+    local = _lowpass(rng.normal(0.0, 1.0, size=(n, frames)), 2.0 * fps, axis=1)
+    local *= 0.03 / (local.std(axis=1, keepdims=True) + 1e-8)
+    npil_true = config.neuropil_level * f0 * (1.0 + 2.0 * pop[None, :] + local)
+    coef = animal.neuropil_coef[cells]
+    measured = cell_f + coef[:, None] * npil_true
+
+    # Photon shot noise and read noise; the neuropil annulus collects ~4x the
+    # photons of the soma, hence its relatively lower noise.
+    read = config.read_noise_photons
+    traces = rng.poisson(np.clip(measured, 0, None)).astype(np.float32)
+    traces += rng.normal(0.0, read, size=traces.shape).astype(np.float32)
+    neuropil = rng.poisson(4.0 * np.clip(npil_true, 0, None)).astype(np.float32) / 4.0
+    neuropil += rng.normal(0.0, read / 2.0, size=neuropil.shape).astype(np.float32)
+
+    onsets = np.flatnonzero(np.diff(behavior[:, 2], prepend=0.0) > 0.5)
+    pool_ids = tuple(f"{animal.animal_id}_n{c:04d}" for c in cells)
+    session = validate_session(
+        Session(
+            traces=traces,
+            fps=fps,
+            behavior=behavior,
+            behavior_names=BEHAVIOR_NAMES,
+            kind="F",
+            neuropil=neuropil,
+            animal_id=animal.animal_id,
+            session_id=f"{animal.animal_id}_s{session_index:02d}",
+            neuron_ids=pool_ids,
+        )
+    )
+    truth = SessionTruth(
+        spikes=spikes,
+        rates_hz=rates,
+        calcium=calcium,
+        cell_fluorescence=cell_f,
+        latents=latents,
+        neuron_types=tuple(NEURON_TYPES[k] for k in animal.neuron_types[cells]),
+        pool_index=cells,
+        neuropil_coef=coef.astype(np.float32),
+        indicator=indicator,
+        stimulus_onsets=onsets,
+    )
+    return session, truth
+
+
+# ---------------------------------------------------------------------------
+# Movies
+
+
+@dataclass(frozen=True, eq=False)
+class MovieTruth:
+    """Ground truth of a rendered movie.
+
+    ``shifts[t] = (dy, dx)`` is how far the scene moved in frame t, in pixels;
+    a motion corrector must shift frame t by ``-shifts[t]`` to undo it.
+    Footprints are sparse: footprint i's pixels are
+    ``footprint_pixels[indptr[i]:indptr[i+1]]`` (flat indices into H*W) with
+    weights summing to 1, so the footprint-weighted sum of a motion-free,
+    noise-free frame is the cell's fluorescence.
+    """
+
+    shape: tuple[int, int]
+    centers: np.ndarray  # [N, 2] (y, x) pixels
+    footprint_indptr: np.ndarray  # [N + 1]
+    footprint_pixels: np.ndarray  # [nnz] flat pixel index
+    footprint_weights: np.ndarray  # [nnz] float32
+    shifts: np.ndarray  # [T, 2] float32 (dy, dx)
+    cell_fluorescence: np.ndarray  # [N, T] photons per frame (summed over the footprint)
+    gain_adu_per_photon: float
+    offset_adu: float
+
+    def footprint_images(self) -> np.ndarray:
+        """Dense ``[N, H, W]`` float32 footprints (for tests and display)."""
+        n = self.centers.shape[0]
+        h, w = self.shape
+        out = np.zeros((n, h * w), np.float32)
+        for i in range(n):
+            sl = slice(self.footprint_indptr[i], self.footprint_indptr[i + 1])
+            out[i, self.footprint_pixels[sl]] = self.footprint_weights[sl]
+        return out.reshape(n, h, w)
+
+    def label_image(self) -> np.ndarray:
+        """``[H, W]`` int32: 1 + the index of the strongest footprint, 0 for none."""
+        dense = self.footprint_images()
+        labels = dense.argmax(axis=0) + 1
+        labels[dense.max(axis=0) <= 0] = 0
+        return labels.astype(np.int32)
+
+
+def _place_cells(rng: np.random.Generator, n: int, size: int, radius: float) -> np.ndarray:
+    """Centres at least ~2 radii apart (relaxed if the field is crowded)."""
+    margin = radius + 2
+    centers: list[np.ndarray] = []
+    min_dist = 2.2 * radius
+    tries = 0
+    while len(centers) < n:
+        c = rng.uniform(margin, size - margin, size=2)
+        if all(np.hypot(*(c - o)) >= min_dist for o in centers):
+            centers.append(c)
+        tries += 1
+        if tries > 200 * n:
+            min_dist *= 0.9
+            tries = 0
+    return np.array(centers)
+
+
+def render_movie(
+    session: Session,
+    truth: SessionTruth,
+    config: SimConfig,
+    seed_key: int = 0,
+    chunk: int = 256,
+) -> tuple[Callable[[], Iterator[np.ndarray]], MovieTruth]:
+    """Render the session's cells as a uint16 movie ``[T, H, W]``.
+
+    Returns a generator factory yielding chunks of frames (so a long movie
+    never sits in memory whole) and the movie's truth.
+    """
+    rng = _rng(config.seed, 1000 + seed_key, 7)
+    size = config.movie_size
+    n, frames = session.n_neurons, session.n_frames
+    radius = 4.5
+    centers = _place_cells(rng, n, size, radius)
+
+    # Elliptical Gaussian footprints truncated at ~2 sigma, normalised to sum 1.
+    yy, xx = np.mgrid[0:size, 0:size]
+    indptr = [0]
+    pixels: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for cy, cx in centers:
+        sy, sx = rng.uniform(0.7, 1.1, size=2) * radius / 1.6
+        theta = rng.uniform(0, np.pi)
+        y0, y1 = int(max(cy - 3 * radius, 0)), int(min(cy + 3 * radius + 1, size))
+        x0, x1 = int(max(cx - 3 * radius, 0)), int(min(cx + 3 * radius + 1, size))
+        dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        u = dy * math.cos(theta) + dx * math.sin(theta)
+        v = -dy * math.sin(theta) + dx * math.cos(theta)
+        g = np.exp(-0.5 * ((u / sy) ** 2 + (v / sx) ** 2))
+        keep = g > math.exp(-0.5 * 2.0**2)
+        flat = (yy[y0:y1, x0:x1][keep] * size + xx[y0:y1, x0:x1][keep]).astype(np.int64)
+        wv = g[keep] / g[keep].sum()
+        pixels.append(flat)
+        weights.append(wv.astype(np.float32))
+        indptr.append(indptr[-1] + flat.size)
+    indptr_arr = np.array(indptr, np.int64)
+    pix = np.concatenate(pixels)
+    wts = np.concatenate(weights)
+
+    # Motion: an AR(1) wander with rare small jumps, in pixels.
+    steps = rng.normal(0.0, 0.35, size=(frames, 2))
+    jumps = (rng.random(frames) < 0.002)[:, None] * rng.normal(0.0, 2.0, size=(frames, 2))
+    shifts = np.zeros((frames, 2))
+    s = np.zeros(2)
+    for t in range(frames):
+        s = 0.97 * s + steps[t] * (1 - 0.97**2) ** 0.5 * 3.0 + jumps[t]
+        s = np.clip(s, -3 * config.motion_px, 3 * config.motion_px)
+        shifts[t] = s
+    shifts *= config.motion_px / (shifts.std() + 1e-8) if config.motion_px > 0 else 0.0
+    shifts = shifts.astype(np.float32)
+
+    # Static background and a smooth neuropil field, in photons per pixel.
+    background = ndimage.gaussian_filter(rng.random((size, size)), size / 8)
+    background = 0.5 + background / background.max()
+    npil_field = ndimage.gaussian_filter(rng.random((size, size)), size / 16)
+    npil_field = 1.0 + npil_field / npil_field.max()
+    npil_level = float(np.median(session.neuropil)) / 80.0 if session.neuropil is not None else 1.0
+
+    cell_f = truth.cell_fluorescence  # [N, T], photons summed over the footprint
+    from scipy import sparse
+
+    a = sparse.csr_matrix((wts, pix, indptr_arr), shape=(n, size * size)).T.tocsr()  # [HW, N]
+    # The same population signal that modulates the session's neuropil traces.
+    pop = _lowpass(_dff_response(truth.calcium, truth.indicator).mean(axis=0), 0.5 * config.fps)
+    gain, offset = 8.0, 100.0
+
+    def frames_iter() -> Iterator[np.ndarray]:
+        noise_rng = _rng(config.seed, 1000 + seed_key, 8)
+        for start in range(0, frames, chunk):
+            stop = min(start + chunk, frames)
+            cells_img = (a @ cell_f[:, start:stop]).T.reshape(stop - start, size, size)
+            out = np.empty((stop - start, size, size), np.uint16)
+            for j in range(stop - start):
+                t = start + j
+                img = background + npil_level * npil_field * (1.0 + 2.0 * pop[t]) + cells_img[j]
+                img = ndimage.shift(img, shifts[t], order=1, mode="nearest")
+                photons = noise_rng.poisson(np.clip(img, 0, None))
+                adu = gain * photons + offset + noise_rng.normal(0.0, 3.0, size=img.shape)
+                out[j] = np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
+            yield out
+
+    truth_movie = MovieTruth(
+        shape=(size, size),
+        centers=centers.astype(np.float32),
+        footprint_indptr=indptr_arr,
+        footprint_pixels=pix,
+        footprint_weights=wts,
+        shifts=shifts,
+        cell_fluorescence=cell_f,
+        gain_adu_per_photon=gain,
+        offset_adu=offset,
+    )
+    return frames_iter, truth_movie
+
+
+# ---------------------------------------------------------------------------
+# Corpus on disk
+
+
+@dataclass
+class CorpusManifest:
+    """The small JSON summary written beside a simulated corpus."""
+
+    config: dict
+    sessions: list[dict] = field(default_factory=list)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def _write_truth(path: Path, truth: SessionTruth) -> None:
+    np.savez_compressed(
+        path,
+        spikes=truth.spikes,
+        rates_hz=truth.rates_hz,
+        calcium=truth.calcium,
+        cell_fluorescence=truth.cell_fluorescence,
+        latents=truth.latents,
+        neuron_types=np.array(truth.neuron_types, dtype=np.str_),
+        pool_index=truth.pool_index,
+        neuropil_coef=truth.neuropil_coef,
+        indicator=np.str_(truth.indicator.name),
+        tau_rise_s=np.float64(truth.indicator.tau_rise_s),
+        tau_decay_s=np.float64(truth.indicator.tau_decay_s),
+        stimulus_onsets=truth.stimulus_onsets,
+    )
+
+
+def _write_movie(
+    path: Path,
+    truth_path: Path,
+    frames_iter: Callable[[], Iterator[np.ndarray]],
+    truth: MovieTruth,
+    fps: float,
+) -> None:
+    import tifffile
+
+    with tifffile.TiffWriter(path, imagej=True) as tif:
+        for chunk in frames_iter():
+            for frame in chunk:
+                tif.write(frame, contiguous=True, metadata={"axes": "TYX", "fps": fps})
+    np.savez_compressed(
+        truth_path,
+        shape=np.array(truth.shape),
+        centers=truth.centers,
+        footprint_indptr=truth.footprint_indptr,
+        footprint_pixels=truth.footprint_pixels,
+        footprint_weights=truth.footprint_weights,
+        shifts=truth.shifts,
+        cell_fluorescence=truth.cell_fluorescence,
+        labels=truth.label_image(),
+        gain_adu_per_photon=np.float64(truth.gain_adu_per_photon),
+        offset_adu=np.float64(truth.offset_adu),
+    )
+
+
+def simulate_corpus(
+    config: SimConfig,
+    out_dir: str | Path,
+    progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Simulate ``animals x sessions`` sessions into ``out_dir``.
+
+    Writes ``<session_id>.npz`` (the session format), ``truth/<session_id>.truth.npz``,
+    optionally ``movies/<session_id>.tif`` with ``movies/<session_id>.truth.npz``,
+    and ``simulation.json`` (config and a per-session summary). Returns the
+    session file paths.
+    """
+    out = Path(out_dir)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    manifest = CorpusManifest(config=asdict(config))
+    paths: list[Path] = []
+    for a in range(config.animals):
+        animal = make_animal(config, a)
+        for s in range(config.sessions):
+            session, truth = simulate_session(config, animal, s)
+            path = write_npz(out / f"{session.session_id}.npz", session)
+            _write_truth(out / "truth" / f"{session.session_id}.truth.npz", truth)
+            entry = {
+                "file": path.name,
+                "session_id": session.session_id,
+                "animal_id": session.animal_id,
+                "neurons": session.n_neurons,
+                "frames": session.n_frames,
+                "fps": session.fps,
+                "indicator": asdict(truth.indicator),
+                "neuron_types": {k: truth.neuron_types.count(k) for k in NEURON_TYPES},
+                "mean_rate_hz": float(truth.rates_hz.mean()),
+                "stimulus_presentations": int(truth.stimulus_onsets.size),
+            }
+            if config.movie:
+                (out / "movies").mkdir(exist_ok=True)
+                frames_iter, mtruth = render_movie(session, truth, config, seed_key=a * 1000 + s)
+                movie_path = out / "movies" / f"{session.session_id}.tif"
+                _write_movie(
+                    movie_path,
+                    out / "movies" / f"{session.session_id}.truth.npz",
+                    frames_iter,
+                    mtruth,
+                    config.fps,
+                )
+                entry["movie"] = str(movie_path.relative_to(out))
+            manifest.sessions.append(entry)
+            paths.append(path)
+            if progress is not None:
+                progress(session.summary())
+    manifest.write(out / "simulation.json")
+    return paths
