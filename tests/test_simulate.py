@@ -159,7 +159,7 @@ def test_corpus_on_disk_reads_back(tmp_path):
     assert len(paths) == 4
     sessions = load_corpus(tmp_path)
     assert [s.session_id for s in sessions] == sorted(p.stem for p in paths)
-    assert {s.animal_id for s in sessions} == {"animal00", "animal01"}
+    assert {s.animal_id for s in sessions} == {"sim4-animal00", "sim4-animal01"}
     for s in sessions:
         assert s.traces.shape == (30, 400) and s.behavior.shape == (400, 3)
         assert s.neuropil is not None and s.kind == "F"

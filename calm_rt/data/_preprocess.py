@@ -43,6 +43,7 @@ class PreprocessConfig:
     norm_timescale_s: float = 60.0
     clip: float = 10.0
     eps: float = 1e-6
+    normalize: bool = True  # False: stop at dF/F (evaluation z-scores with fixed statistics)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.neuropil_coef <= 2.0:
@@ -74,7 +75,7 @@ class PreprocessConfig:
 
 @numba.njit(cache=True, inline="always")
 def _update_neuron(
-    i, x, is_raw, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw
+    i, x, is_raw, normalize, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw
 ):  # pragma: no cover - compiled
     if not math.isfinite(x):
         return math.nan
@@ -119,6 +120,8 @@ def _update_neuron(
         value = (x - f0) / max(abs(f0), eps)
     else:
         value = x
+    if not normalize:
+        return value
     sw[i] = (1.0 - alpha) * sw[i] + alpha
     sx[i] = (1.0 - alpha) * sx[i] + alpha * value
     sxx[i] = (1.0 - alpha) * sxx[i] + alpha * value * value
@@ -130,26 +133,26 @@ def _update_neuron(
 
 @numba.njit(cache=True)
 def _step_kernel(
-    f, fneu, coef, is_raw, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw, out
+    f, fneu, coef, is_raw, normalize, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw, out
 ):  # pragma: no cover - compiled
     use_neuropil = fneu.shape[0] == f.shape[0]
     for i in range(f.shape[0]):
         x = f[i] - coef * fneu[i] if use_neuropil else f[i]
         out[i] = _update_neuron(
-            i, x, is_raw, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw
+            i, x, is_raw, normalize, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw
         )
 
 
 @numba.njit(cache=True)
 def _run_kernel(
-    f, fneu, coef, is_raw, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw, out
+    f, fneu, coef, is_raw, normalize, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw, out
 ):  # pragma: no cover - compiled
     use_neuropil = fneu.shape[0] == f.shape[0]
     for t in range(f.shape[1]):
         for i in range(f.shape[0]):
             x = f[i, t] - coef * fneu[i, t] if use_neuropil else f[i, t]
             out[i, t] = _update_neuron(
-                i, x, is_raw, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw
+                i, x, is_raw, normalize, q, alpha, clip, eps, ring, srt, count, head, sx, sxx, sw
             )
 
 
@@ -231,6 +234,7 @@ class CausalPreprocessor:
         return (
             c.neuropil_coef,
             self.kind == "F",
+            c.normalize,
             c.baseline_percentile / 100.0,
             c.norm_alpha(self.fps),
             c.clip,

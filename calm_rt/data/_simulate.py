@@ -146,6 +146,7 @@ class AnimalModel:
     """What sessions of one animal share."""
 
     index: int
+    seed: int
     indicator: Indicator
     recurrent: np.ndarray  # [D, D] latent RNN weights
     input_weights: np.ndarray  # [D, 3] behaviour -> latent drive
@@ -164,7 +165,9 @@ class AnimalModel:
 
     @property
     def animal_id(self) -> str:
-        return f"animal{self.index:02d}"
+        # The seed is part of the id: animal 0 of seed 1 and of seed 2 are
+        # different animals, and held-out-animal splits must know it.
+        return f"sim{self.seed}-animal{self.index:02d}"
 
 
 def make_animal(config: SimConfig, index: int) -> AnimalModel:
@@ -184,6 +187,7 @@ def make_animal(config: SimConfig, index: int) -> AnimalModel:
     readout /= np.linalg.norm(readout, axis=1, keepdims=True)
     return AnimalModel(
         index=index,
+        seed=config.seed,
         indicator=config.indicator_for(index),
         recurrent=recurrent,
         input_weights=input_weights,
@@ -357,7 +361,7 @@ def simulate_session(
     neuropil += rng.normal(0.0, read / 2.0, size=neuropil.shape).astype(np.float32)
 
     onsets = np.flatnonzero(np.diff(behavior[:, 2], prepend=0.0) > 0.5)
-    pool_ids = tuple(f"{animal.animal_id}_n{c:04d}" for c in cells)
+    pool_ids = tuple(f"{animal.animal_id}-n{c:04d}" for c in cells)
     session = validate_session(
         Session(
             traces=traces,
@@ -367,7 +371,7 @@ def simulate_session(
             kind="F",
             neuropil=neuropil,
             animal_id=animal.animal_id,
-            session_id=f"{animal.animal_id}_s{session_index:02d}",
+            session_id=f"{animal.animal_id}-s{session_index:02d}",
             neuron_ids=pool_ids,
         )
     )

@@ -1,0 +1,177 @@
+"""Streaming engine: per-frame outputs equal the offline model, and real-world input is handled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calm_rt.data import (
+    BEHAVIOR_NAMES,
+    SimConfig,
+    make_animal,
+    preprocess_traces,
+    read_npz,
+    simulate_session,
+)
+from calm_rt.engine import EngineConfig, StreamingEngine
+from calm_rt.errors import ConfigError, DataError
+from calm_rt.model import PRESETS, CalM
+from calm_rt.replay import replay_session
+
+
+@pytest.fixture(scope="module")
+def model() -> CalM:
+    torch.manual_seed(0)
+    return CalM(PRESETS["tiny"]).with_behavior(BEHAVIOR_NAMES).eval()
+
+
+@pytest.fixture(scope="module")
+def session():
+    cfg = SimConfig(neurons=24, frames=700, seed=5)
+    return simulate_session(cfg, make_animal(cfg, 0), 0)[0]
+
+
+def _offline(model: CalM, traces: np.ndarray, neuropil: np.ndarray | None, fps: float = 30.0):
+    z = preprocess_traces(traces, fps, "F", neuropil)
+    return z, model.run_offline(torch.from_numpy(z))
+
+
+def _stream(engine: StreamingEngine, traces: np.ndarray, neuropil: np.ndarray | None, seqs=None):
+    seqs = range(traces.shape[1]) if seqs is None else seqs
+    return [
+        engine.step(traces[:, t], seq=s, neuropil=None if neuropil is None else neuropil[:, t])
+        for t, s in zip(range(traces.shape[1]), seqs)
+    ]
+
+
+def test_streaming_equals_offline_long_after_the_window_slides(model, session):
+    """700 frames: the temporal window (12 tokens x 4 frames) slides from frame 48 on."""
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    preds = _stream(engine, session.traces, session.neuropil)
+    z, off = _offline(model, session.traces, session.neuropil)
+    np.testing.assert_array_equal(np.stack([p.activity for p in preds], 1), z)
+    np.testing.assert_array_equal(np.stack([p.tokens for p in preds], 1), off.tokens.numpy())
+    np.testing.assert_allclose(
+        np.stack([p.forecast for p in preds], 1), off.forecast.numpy(), atol=2e-5, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.stack([p.forecast_std for p in preds], 1), off.forecast_std.numpy(), atol=2e-5, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.stack([p.behavior for p in preds]), off.behavior.numpy(), atol=1e-4, rtol=1e-4
+    )
+    assert [p.seq for p in preds] == list(range(700)) and preds[0].reset and not preds[1].reset
+
+
+def test_dropped_frames_are_filled_and_reported(model, session):
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    keep = np.ones(300, bool)
+    keep[[50, 51, 52, 200]] = False  # the scope lost four frames
+    seqs = np.flatnonzero(keep)
+    preds = _stream(
+        engine, session.traces[:, :300][:, keep], session.neuropil[:, :300][:, keep], seqs
+    )
+    assert [p.filled for p in preds if p.filled] == [3, 1]
+    # The policy equals the offline model fed NaN for the lost frames.
+    traces = session.traces[:, :300].copy()
+    traces[:, ~keep] = np.nan
+    _, off = _offline(model, traces, session.neuropil[:, :300])
+    np.testing.assert_allclose(
+        np.stack([p.forecast for p in preds], 1),
+        off.forecast.numpy()[:, keep],
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
+def test_a_long_gap_restarts_the_engine(model, session):
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0, max_gap_seconds=1.0))
+    first = _stream(engine, session.traces[:, :100], session.neuropil[:, :100])
+    after = engine.step(session.traces[:, 200], seq=200, neuropil=session.neuropil[:, 200])
+    assert after.reset and after.filled == 0 and after.frame == 0 and not first[-1].reset
+    fresh = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    np.testing.assert_allclose(
+        after.forecast,
+        fresh.step(session.traces[:, 200], neuropil=session.neuropil[:, 200]).forecast,
+    )
+
+
+def test_nan_values_are_masked_not_propagated(model, session):
+    traces = session.traces[:, :200].copy()
+    traces[3, 120:130] = np.nan
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    preds = _stream(engine, traces, session.neuropil[:, :200])
+    assert preds[125].missing[3] and preds[125].missing.sum() == 1
+    assert all(np.isfinite(p.forecast).all() for p in preds)
+    _, off = _offline(model, traces, session.neuropil[:, :200])
+    np.testing.assert_allclose(
+        np.stack([p.forecast for p in preds], 1), off.forecast.numpy(), atol=2e-5, rtol=1e-4
+    )
+
+
+def test_wrong_shapes_and_order_are_rejected(model):
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    with pytest.raises(DataError, match="24 neurons"):
+        engine.step(np.zeros(23, np.float32))
+    with pytest.raises(DataError, match="numeric"):
+        engine.step(np.array(["a"] * 24))
+    engine.step(np.ones(24, np.float32), seq=10)
+    with pytest.raises(DataError, match="out of order"):
+        engine.step(np.ones(24, np.float32), seq=10)
+    with pytest.raises(ConfigError, match="horizon"):
+        StreamingEngine(model, EngineConfig(n_neurons=4, fps=30.0, horizon=99))
+
+
+def test_online_calibration_fits_a_readout(model, session):
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    cal = engine.start_calibration(seconds=10.0, names=BEHAVIOR_NAMES)
+    for t in range(400):
+        pred = engine.step(
+            session.traces[:, t],
+            seq=t,
+            neuropil=session.neuropil[:, t],
+            behavior=session.behavior[t],
+        )
+    assert cal.active and cal.frames == 300 and len(cal.r2) == 3
+    assert pred.behavior is not None and pred.behavior.shape == (3,)
+    assert engine.readout is not None
+
+
+def test_state_is_constant_over_the_session(model, session):
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    before = engine.state_nbytes
+    _stream(engine, session.traces[:, :200], session.neuropil[:, :200])
+    assert engine.state_nbytes == before
+
+
+def test_replay_writes_a_session_like_file(model, session, tmp_path):
+    short = session.slice_frames(0, 120)
+    result = replay_session(short, model, tmp_path / "replay.npz")
+    back = read_npz(tmp_path / "replay.npz")
+    assert back.n_frames == 120 and back.n_neurons == 24
+    with np.load(tmp_path / "replay.npz") as z:
+        assert z["forecast"].shape == (24, 120, 16)
+        np.testing.assert_array_equal(z["tokens"], result["tokens"])
+        assert z["behavior_pred"].shape == (120, 3)
+
+
+@pytest.mark.slow
+def test_memory_is_flat_over_100k_frames():
+    torch.manual_seed(1)
+    model = CalM(PRESETS["tiny"]).eval()
+    engine = StreamingEngine(model, EngineConfig(n_neurons=8, fps=30.0))
+    rng = np.random.default_rng(0)
+    frames = (300 + rng.normal(size=(8, 1000)) * 10).astype(np.float32)
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    for t in range(10_000):
+        engine.step(frames[:, t % 1000], seq=t)
+    start = rss_mb()
+    for t in range(10_000, 100_000):
+        engine.step(frames[:, t % 1000], seq=t)
+    assert rss_mb() - start < 5.0, f"RSS grew from {start:.1f} MB to {rss_mb():.1f} MB"
+    assert engine.frame == 100_000

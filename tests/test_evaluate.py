@@ -1,0 +1,110 @@
+"""Evaluation emits the contract's JSON, with every model, on simulated and real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from calm_rt.baselines import (
+    CopyLast,
+    GRUDecoder,
+    LinearAR,
+    POCOForecaster,
+    RidgeDecoder,
+    windows_at,
+)
+from calm_rt.data import SimConfig, make_animal, simulate_session
+from calm_rt.evaluate import evaluate, tokenizer_report
+from calm_rt.model import PRESETS, CalM
+from calm_rt.splits import TEST, TRAIN, VAL, Protocol, prepare_session
+
+PROTOCOL = Protocol(block_frames=200)
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    cfg = SimConfig(neurons=20, frames=1200, seed=9)
+    return [
+        prepare_session(simulate_session(cfg, make_animal(cfg, a), 0)[0], PROTOCOL)
+        for a in range(2)
+    ]
+
+
+def test_protocol_splits_blocks_in_turn():
+    labels = Protocol(block_frames=10).labels(60)
+    assert labels[:50].reshape(5, 10)[:, 0].tolist() == [TRAIN, TRAIN, TRAIN, VAL, TEST]
+    starts = Protocol(context=4, horizon=2, block_frames=10, stride=2).window_starts(labels, TEST)
+    assert starts.tolist() == [40, 42, 44]  # windows never cross a block boundary
+
+
+def test_zscore_uses_training_blocks_only(sessions):
+    s = sessions[0]
+    train = s.z[:, s.labels == TRAIN]
+    np.testing.assert_allclose(train.mean(1), 0, atol=1e-4)
+    np.testing.assert_allclose(train.std(1), 1, atol=1e-3)
+
+
+def test_baselines_beat_or_match_copy_last_where_they_should(sessions):
+    lin = LinearAR()
+    lin.fit(sessions, PROTOCOL)
+    s = sessions[0]
+    ctx, tgt = windows_at(
+        s.z, PROTOCOL.window_starts(s.labels, TEST), PROTOCOL.context, PROTOCOL.horizon
+    )
+    copy = CopyLast()
+    copy.fit(sessions, PROTOCOL)
+    mse_copy = float(((copy.predict(0, ctx) - tgt) ** 2).mean())
+    mse_lin = float(((lin.predict(0, ctx) - tgt) ** 2).mean())
+    assert mse_lin < mse_copy  # noisy calcium: a fitted linear model beats copying the last frame
+
+
+def test_evaluate_emits_the_full_json(sessions):
+    torch.manual_seed(0)
+    model = CalM(PRESETS["tiny"]).eval()
+    meta = {
+        "pretraining": {"data": {"animal_ids": [sessions[0].session.animal_id], "session_ids": []}}
+    }
+    result = evaluate(
+        model, meta, sessions, PROTOCOL,
+        forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=30)],
+        decoders=[RidgeDecoder(), GRUDecoder(steps=20)],
+    )  # fmt: skip
+    assert result["context"] == 48 and result["horizon"] == 16 and result["sessions"] == 2
+    assert result["fps"] == 30.0
+    assert set(result["forecast"]) == {"calm", "copy_last", "linear_ar", "poco_mlp"}
+    for metrics in result["forecast"].values():
+        assert set(metrics) == {"score", "mse", "mae", "pearson"}
+        assert all(np.isfinite(v) for v in metrics.values())
+    assert result["forecast"]["copy_last"]["score"] == pytest.approx(0.0)
+    assert {"calm_ridge", "ridge", "gru"} <= set(result["decoding"])
+    assert set(result["groups"]) == {"heldout_sessions", "heldout_animals"}
+    assert 0 <= result["calibration"]["nominal_90"] <= 1
+    json.dumps(result)  # serialisable as is
+
+
+def test_tokenizer_report_counts_codes(sessions):
+    torch.manual_seed(0)
+    report = tokenizer_report(CalM(PRESETS["tiny"]).eval(), sessions)
+    assert 0 < report["codes_used"] <= 1 and report["perplexity"] >= 1
+
+
+@pytest.mark.slow
+def test_eval_cli_on_real_zebrafish_regions(shared_data, tmp_path):
+    """Real data, the shipped checkpoint: it runs and reports every model (numbers are whatever they are)."""
+    out = tmp_path / "zf.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "calm_rt", "eval", "--data", str(shared_data / "zebrafish_legare"),
+            "--fps", "1", "--block-frames", "150", "--poco-steps", "100", "--json", str(out),
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["forecast"]) >= {"calm", "copy_last", "linear_ar", "poco_mlp"}
+    assert result["sessions"] == 1 and "decoding" not in result
