@@ -16,11 +16,15 @@ chains' caches hold the last C tokens each, so memory is flat over hours.
 
 Real-world policies (see docs/engine.md):
 
-* **Dropped frames.** A gap in sequence numbers of up to ``max_gap_frames``
+* **Dropped frames.** A gap in sequence numbers of up to ``max_fill_frames``
   is filled with missing (NaN) frames, so the time grid, the chain phases and
   the caches stay exactly those of the offline model fed NaN for the lost
-  frames; the prediction reports how many frames were filled. A longer gap
-  resets the engine (a new segment) and says so.
+  frames. A longer gap, up to ``max_gap_seconds``, is skipped without
+  computing the lost frames (cheap, so an overloaded server can catch up):
+  the caches keep their tokens, which the model attends to only while they
+  are inside the window, at their true distance in time. A gap longer still
+  resets the model (the preprocessing keeps its baseline). The prediction
+  reports ``filled`` and ``skipped`` frames and ``reset``.
 * **Missing values.** A NaN for a neuron is masked: the preprocessing state
   ignores it, the model sees 0 (the running mean), and the prediction's
   ``missing`` mask says which neurons were missing.
@@ -54,7 +58,8 @@ class EngineConfig:
     fps: float
     kind: str = "F"
     horizon: int | None = None  # frames to forecast (<= the model's; default all)
-    max_gap_seconds: float = 2.0  # longer gaps reset the engine
+    max_fill_frames: int = 8  # gaps up to this are filled exactly with missing frames
+    max_gap_seconds: float = 2.0  # longer gaps are skipped up to this; beyond, the model resets
     device: str = "cpu"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -65,8 +70,8 @@ class EngineConfig:
             raise ConfigError(f"fps must be a positive frame rate, got {self.fps}")
         if self.kind not in ("F", "dff"):
             raise ConfigError(f"kind must be 'F' or 'dff', got {self.kind!r}")
-        if self.max_gap_seconds < 0:
-            raise ConfigError("max_gap_seconds must be >= 0")
+        if self.max_gap_seconds < 0 or self.max_fill_frames < 0:
+            raise ConfigError("max_gap_seconds and max_fill_frames must be >= 0")
 
     @property
     def max_gap_frames(self) -> int:
@@ -90,8 +95,9 @@ class Prediction:
     tokens: np.ndarray  # [N] int64
     behavior: np.ndarray | None  # [B] float32
     missing: np.ndarray  # [N] bool
-    filled: int  # frames filled in for a sequence gap just before this one
-    reset: bool  # the engine restarted (first frame, or a gap too long to fill)
+    filled: int  # lost frames just before this one, filled in as missing samples
+    skipped: int  # lost frames just before this one, skipped (too many to fill)
+    reset: bool  # the model restarted (first frame, or a gap too long to bridge)
     timings_ms: dict[str, float]
 
 
@@ -137,7 +143,9 @@ class StreamingEngine:
         shape = (self.patch, dat.layers, n, dat.heads, self.context, self.head_dim)
         self.k_cache = torch.zeros(shape, **f32)
         self.v_cache = torch.zeros(shape, **f32)
-        self.window = torch.zeros(n, self.patch, dtype=torch.float64, device=self.device)
+        # Chain position held by each cache slot (-C: empty), to keep only the window.
+        self.slot_pos = torch.full((self.patch, self.context), -self.context - 1, dtype=torch.int64)
+        self.window = torch.zeros(n, self.patch, **f32)
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
@@ -151,11 +159,15 @@ class StreamingEngine:
     def reset(self) -> None:
         """Forget everything about the current session (same neurons)."""
         self.preprocessor.reset()
+        self._reset_model()
+        self.expected_seq = None
+
+    def _reset_model(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
+        self.slot_pos.fill_(-self.context - 1)
         self.window.zero_()
         self.frame = 0
-        self.expected_seq = None
 
     @property
     def state_nbytes(self) -> int:
@@ -189,7 +201,7 @@ class StreamingEngine:
             raise DataError(
                 f"frame values must be numeric, got dtype {traces.dtype}", field="traces"
             )
-        filled, reset = 0, self.frame == 0
+        filled, skipped, reset = 0, 0, self.frame == 0
         if seq is not None and self.expected_seq is not None:
             if seq < self.expected_seq:
                 raise DataError(
@@ -198,8 +210,11 @@ class StreamingEngine:
                 )
             gap = seq - self.expected_seq
             if gap > self.config.max_gap_frames:
-                self.reset()
-                reset = True
+                self._reset_model()  # too long to bridge: the model starts over
+                reset, skipped = True, gap
+            elif gap > self.config.max_fill_frames:
+                self._skip(gap)
+                skipped = gap
             elif gap:
                 missing = np.full(self.n, np.nan, np.float32)
                 for _ in range(gap):  # keep the time grid: lost frames become missing samples
@@ -207,7 +222,7 @@ class StreamingEngine:
                 filled = gap
         pred = self._advance(traces, neuropil, behavior)
         pred.seq = seq if seq is not None else pred.frame
-        pred.filled, pred.reset = filled, reset
+        pred.filled, pred.skipped, pred.reset = filled, skipped, reset
         self.expected_seq = pred.seq + 1
         return pred
 
@@ -223,7 +238,7 @@ class StreamingEngine:
 
         # Tokenizer: the window of the last P frames ending now.
         self.window = torch.roll(self.window, -1, dims=1)
-        self.window[:, -1] = torch.from_numpy(z_model).to(self.device, torch.float64)
+        self.window[:, -1] = torch.from_numpy(z_model).to(self.device)
         tokens = self.model.tokenizer.tokenize_windows(self.window)  # [N]
         t2 = time.perf_counter()
 
@@ -245,6 +260,7 @@ class StreamingEngine:
             behavior=behavior_pred,
             missing=missing,
             filled=0,
+            skipped=0,
             reset=False,
             timings_ms={
                 "preprocess": (t1 - t0) * 1e3,
@@ -257,16 +273,25 @@ class StreamingEngine:
         self.frame += 1
         return pred
 
+    def _skip(self, frames: int) -> None:
+        """Let ``frames`` frames pass uncomputed (their samples count as missing)."""
+        shift = min(frames, self.patch)
+        self.window = torch.roll(self.window, -shift, dims=1)
+        self.window[:, -shift:] = 0.0
+        self.frame += frames
+
     def _dat_step(self, tokens: Tensor) -> Tensor:
         """Advance chain ``frame mod P`` by one token; returns hidden ``[N, W]``."""
         dat = self.model.dat
         phase, pos = self.frame % self.patch, self.frame // self.patch
-        slot, valid = pos % self.context, min(pos + 1, self.context)
+        slot = pos % self.context
+        self.slot_pos[phase, slot] = pos
+        keep = (self.slot_pos[phase] > pos - self.context).to(self.device)  # [C]: inside the window
         cos, sin = dat.rotary(torch.tensor([pos], device=self.device))
         x = dat.embed(tokens)  # [N, W]
         for layer, block in enumerate(dat.blocks):
             k_cache, v_cache = self.k_cache[phase, layer], self.v_cache[phase, layer]
-            x = x + block.temporal.step(block.norm_t(x), cos, sin, k_cache, v_cache, slot, valid)
+            x = x + block.temporal.step(block.norm_t(x), cos, sin, k_cache, v_cache, slot, keep)
             if block.neural is not None:
                 x = x + block.neural.step(block.norm_n(x))
             x = x + block.mlp(block.norm_m(x))

@@ -112,8 +112,14 @@ def evaluate(
     decoders: Sequence[Any] | None = None,
     progress: Callable[[str], None] | None = None,
     batch: int = 16,
+    adapt_steps: int = 0,
 ) -> dict[str, Any]:
     """Score CalM and the baselines on the test blocks of ``sessions``.
+
+    With ``adapt_steps > 0`` CalM is first fine-tuned (next-token objective,
+    tokenizer frozen) on the training blocks of ``sessions`` - the very data
+    the baselines are fitted on - and reported as ``calm``; the pretrained
+    model as it is becomes ``calm_zeroshot``. Otherwise ``calm`` is zero-shot.
 
     Returns the JSON of DESIGN.md (``context``, ``horizon``, ``fps``,
     ``sessions``, ``forecast``, ``decoding`` when behaviour exists) plus
@@ -138,6 +144,13 @@ def evaluate(
     forecasters = (
         list(forecasters) if forecasters is not None else [CopyLast(), LinearAR(), POCOForecaster()]
     )
+    calm_models = {"calm": model}
+    if adapt_steps > 0:
+        from calm_rt.train import adapt
+
+        say(f"adapting CalM on training blocks ({adapt_steps} steps)")
+        tuned = adapt(model, sessions, adapt_steps, progress=False)
+        calm_models = {"calm": tuned, "calm_zeroshot": model}
     for f in forecasters:
         say(f"fitting {f.name} on training blocks")
         f.fit(sessions, protocol)
@@ -154,15 +167,17 @@ def evaluate(
             "session_id": s.session.session_id,
             "group": _group_of(s.session, meta),
         }
-        means, stds = [], []
-        for b0 in range(0, len(starts), batch):
-            m_, s_ = model.forecast_windows(ctx[b0 : b0 + batch])
-            means.append(m_[..., : protocol.horizon])
-            stds.append(s_[..., : protocol.horizon])
-        mean, std = torch.cat(means).numpy(), torch.cat(stds).numpy()
-        row["calm"] = _forecast_metrics(mean, target, copy)
-        err = np.abs(target - mean)
-        coverage.append((float((err <= std).mean()), float((err <= 1.645 * std).mean())))
+        for name, m in calm_models.items():
+            means, stds = [], []
+            for b0 in range(0, len(starts), batch):
+                m_, s_ = m.forecast_windows(ctx[b0 : b0 + batch])
+                means.append(m_[..., : protocol.horizon])
+                stds.append(s_[..., : protocol.horizon])
+            mean, std = torch.cat(means).numpy(), torch.cat(stds).numpy()
+            row[name] = _forecast_metrics(mean, target, copy)
+            if name == "calm":
+                err = np.abs(target - mean)
+                coverage.append((float((err <= std).mean()), float((err <= 1.645 * std).mean())))
         for f in forecasters:
             pred = torch.cat(
                 [f.predict(k, ctx[b0 : b0 + batch]) for b0 in range(0, len(starts), batch)]
@@ -171,7 +186,7 @@ def evaluate(
         per_session.append(row)
         say(f"forecast {s.session.session_id}: calm score {row['calm']['score']:.3f}")
 
-    names = ["calm", *(f.name for f in forecasters)]
+    names = [*calm_models, *(f.name for f in forecasters)]
     result: dict[str, Any] = {
         "context": protocol.context,
         "horizon": protocol.horizon,
@@ -183,6 +198,7 @@ def evaluate(
             "nominal_90": float(np.mean([c[1] for c in coverage])),
         },
         "tokenizer": tokenizer_report(model, [sessions[k] for k in scored]),
+        "adapt_steps": adapt_steps,
         "groups": {},
         "per_session": per_session,
     }
@@ -197,7 +213,9 @@ def evaluate(
             test = s.labels == TEST
             say(f"decoding {s.session.session_id}")
             row = {"session_id": s.session.session_id, "group": _group_of(s.session, meta)}
-            hidden = model.run_offline(torch.from_numpy(s.z)).hidden.transpose(0, 1)  # [T, N, W]
+            hidden = (
+                calm_models["calm"].run_offline(torch.from_numpy(s.z)).hidden.transpose(0, 1)
+            )  # [T, N, W]
             readout = RidgeReadout()
             readout.fit_projection(hidden[torch.from_numpy(s.labels == TRAIN)])
             readout.fit(readout.features(hidden), s.behavior, s.labels == TRAIN, s.labels == VAL)

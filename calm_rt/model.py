@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from calm_rt import ops
 from calm_rt.errors import ConfigError
-from calm_rt.ops import codebook_lookup
 
 __all__ = [
     "PRESETS",
@@ -338,13 +338,13 @@ class NQTokenizer(nn.Module):
         shape no longer matters. ``exact=False`` (training data) skips that.
         """
         codes = self(windows.float())
-        ids, _, margin = codebook_lookup(codes, self.codebook, with_margin=True)
+        ids, _, margin = ops.codebook_lookup(codes, self.codebook, with_margin=True)
         if exact:
             dist_scale = 1.0 + codes.pow(2).sum(-1) + self.codebook.pow(2).sum(-1).max()
             close = torch.nonzero(margin < _TIE_MARGIN * dist_scale).flatten()
             if close.numel():
                 twin = self._float64_twin()
-                ids[close] = codebook_lookup(twin(windows[close].double()), twin.codebook)[0]
+                ids[close] = ops.codebook_lookup(twin(windows[close].double()), twin.codebook)[0]
         return ids
 
     def _float64_twin(self) -> NQTokenizer:
@@ -422,22 +422,20 @@ class TemporalAttention(nn.Module):
         k_cache: Tensor,
         v_cache: Tensor,
         slot: int,
-        valid: int,
+        keep: Tensor | None,
     ) -> Tensor:
         """One new token per neuron: ``x [N, W]``; caches ``[N, H, C, d]`` updated at ``slot``.
 
-        The query attends over the ``valid`` cached tokens (the last C of the
-        chain, itself included), exactly the window of :meth:`forward`.
+        The query attends over the cached tokens that ``keep [C]`` (bool)
+        marks as inside its window - the last C positions of the chain,
+        itself included - exactly the window of :meth:`forward`. ``None``
+        means every slot.
         """
         n, w = x.shape
         q, k, v = (self.qkv(x).view(n, 3, self.heads, self.head_dim)).unbind(1)  # [N, H, d]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache[:, :, slot] = k
-        v_cache[:, :, slot] = v
-        keys, values = k_cache[:, :, :valid], v_cache[:, :, :valid]  # [N, H, valid, d]
-        probs = ((q[:, :, None] * keys).sum(-1) * self.head_dim**-0.5).softmax(-1)  # [N, H, valid]
-        att = (probs[..., None] * values).sum(2)  # [N, H, d]
-        return self.proj(att.reshape(n, w))
+        # Rotary of q and k, cache append at slot, softmax over the kept slots.
+        att = ops.temporal_attention_step(q, k, v, cos, sin, k_cache, v_cache, slot, keep)
+        return self.proj(att.reshape(n, w))  # att [N, H, d]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         *lead, length, width = x.shape
@@ -465,12 +463,10 @@ class NeuralAttention(nn.Module):
     def step(self, x: Tensor) -> Tensor:
         """One time step: ``x [N, W]`` to ``[N, W]``."""
         n, w = x.shape
-        qkv = self.qkv(x).view(1, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # Contiguous 4D inputs get PyTorch's flash kernel on CPU; strided or 3D
-        # ones fall back to a path several times slower.
-        q, k, v = (t.contiguous() for t in qkv)  # [1, H, N, d]
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out[0].transpose(0, 1).reshape(n, w))
+        qkv = self.qkv(x).view(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        q, k, v = qkv.unbind(0)  # [H, N, d] strided views; the CPU path makes them contiguous
+        out = ops.neural_attention(q, k, v)  # [H, N, d]
+        return self.proj(out.transpose(0, 1).reshape(n, w))
 
     def forward(self, x: Tensor, time_block: int = 64) -> Tensor:
         """``x [B, N, L, W]`` to the same shape."""

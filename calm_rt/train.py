@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,14 @@ from calm_rt.errors import ConfigError, DataError
 from calm_rt.model import PRESETS, CalM, CalMConfig, frame_windows, load_checkpoint, save_checkpoint
 from calm_rt.splits import TRAIN, VAL, PreparedSession
 
-__all__ = ["FinetuneConfig", "TrainConfig", "finetune_behavior", "pretrain", "tokenize_sessions"]
+__all__ = [
+    "FinetuneConfig",
+    "TrainConfig",
+    "adapt",
+    "finetune_behavior",
+    "pretrain",
+    "tokenize_sessions",
+]
 
 
 @dataclass(frozen=True)
@@ -350,77 +357,14 @@ def pretrain(
     if state["stage"] == "dat" and cfg.dat_steps == 0:
         state.update(stage="done")
     if state["stage"] == "dat":
-        model.tokenizer.eval()
-        for prm in model.tokenizer.parameters():
-            prm.requires_grad_(False)
-        tokens = tokenize_sessions(model, sessions)
-        span = (cfg.seq_tokens + model_config.dat.horizon_tokens) * p
-        dat_ends = [_train_window_ends(s, span) for s in sessions]
-        keep = [i for i, e in enumerate(dat_ends) if len(e)]
-        if not keep:
-            raise DataError(
-                f"no training run of {span} frames; lower --seq-tokens or use longer sessions"
-            )
-        sess_k = [sessions[i] for i in keep]
-        tok_k = [tokens[i] for i in keep]
-        ends_k = [dat_ends[i] for i in keep]
-        dat = model.dat
-        dat.train()
-        decay = [q for n_, q in dat.named_parameters() if q.dim() >= 2 and "embed" not in n_]
-        no_decay = [
-            q for n_, q in dat.named_parameters() if not (q.dim() >= 2 and "embed" not in n_)
-        ]
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.dat_lr,
-            betas=(0.9, 0.95),
-        )
-        if state["step"] > 0 and (out / "optimizer.safetensors").exists():
-            _load_optimizer(opt, out / "optimizer")
-        ddp = nn.parallel.DistributedDataParallel(dat) if world > 1 else dat
-        bar = _progress(cfg.dat_steps, "DAT", state["step"], progress and rank == 0)
-        log_every = max(1, min(50, cfg.dat_steps // 10))
-        t0, seen = time.perf_counter(), 0
-        for step in range(state["step"], cfg.dat_steps):
-            rng, _ = _rng(cfg.seed, 2, step, rank)
-            inputs, targets = _sample_dat_batch(sess_k, tok_k, ends_k, rng, cfg, model_config)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg.dat_steps, cfg.dat_lr, cfg.warmup_steps)
-            _, logits = ddp(inputs)  # [B, n, L, k, K]
-            ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(
-                targets.shape
-            )
-            per_head = ce.mean(dim=(0, 1, 2))
-            loss = per_head.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(dat.parameters(), cfg.grad_clip)
-            opt.step()
-            seen += inputs.numel()
-            bar.set_postfix(
-                next_ce=f"{float(per_head[0].detach()):.3f}",
-                tok_s=f"{seen / (time.perf_counter() - t0):,.0f}",
-                refresh=False,
-            )
-            bar.update(1)
-            if (step + 1) % log_every == 0:
-                state["history"].append(
-                    {
-                        "stage": "dat",
-                        "step": step + 1,
-                        "loss": float(loss.detach()),
-                        "next_token_ce": float(per_head[0]),
-                    }
-                )
-            state["step"] = step + 1
-            if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.dat_steps):
-                save_checkpoint(model, out)
-                _save_optimizer(opt, out / "optimizer")
-                _write_state(out, state)
-        bar.close()
+
+        def checkpoint(opt: torch.optim.Optimizer) -> None:
+            save_checkpoint(model, out)
+            _save_optimizer(opt, out / "optimizer")
+            _write_state(out, state)
+
+        resume_opt = out / "optimizer" if (out / "optimizer.safetensors").exists() else None
+        _train_dat(model, sessions, cfg, state, checkpoint, resume_opt, progress and rank == 0)
         state.update(stage="done", step=0)
         if rank == 0:
             save_checkpoint(model, out, extra={"pretraining": _summary(state)})
@@ -431,6 +375,120 @@ def pretrain(
         dist.barrier()
     model.eval()
     return model
+
+
+def _train_dat(
+    model: CalM,
+    sessions: Sequence[PreparedSession],
+    cfg: TrainConfig,
+    state: dict[str, Any],
+    checkpoint: Callable[[torch.optim.Optimizer], None] | None,
+    resume_optimizer: Path | None,
+    progress: bool,
+    desc: str = "DAT",
+) -> None:
+    """Next-token (multi-token) training of the DAT on training frames; tokenizer frozen.
+
+    Runs steps ``state["step"]`` .. ``cfg.dat_steps``; ``checkpoint(opt)`` is
+    called every ``save_every`` steps and at the end (rank 0 only).
+    """
+    rank, world = _world()
+    model_config = model.config
+    p = model_config.patch
+    model.tokenizer.eval()
+    for prm in model.tokenizer.parameters():
+        prm.requires_grad_(False)
+    tokens = tokenize_sessions(model, sessions)
+    span = (cfg.seq_tokens + model_config.dat.horizon_tokens) * p
+    dat_ends = [_train_window_ends(s, span) for s in sessions]
+    keep = [i for i, e in enumerate(dat_ends) if len(e)]
+    if not keep:
+        raise DataError(
+            f"no training run of {span} frames; lower --seq-tokens or use longer sessions"
+        )
+    sess_k = [sessions[i] for i in keep]
+    tok_k = [tokens[i] for i in keep]
+    ends_k = [dat_ends[i] for i in keep]
+    dat = model.dat
+    dat.train()
+    decays = [q.dim() >= 2 and "embed" not in n_ for n_, q in dat.named_parameters()]
+    params = [q for _, q in dat.named_parameters()]
+    opt = torch.optim.AdamW(
+        [
+            {"params": [q for q, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
+            {"params": [q for q, d in zip(params, decays) if not d], "weight_decay": 0.0},
+        ],
+        lr=cfg.dat_lr,
+        betas=(0.9, 0.95),
+    )
+    if state["step"] > 0 and resume_optimizer is not None:
+        _load_optimizer(opt, resume_optimizer)
+    ddp = nn.parallel.DistributedDataParallel(dat) if world > 1 else dat
+    bar = _progress(cfg.dat_steps, desc, state["step"], progress)
+    log_every = max(1, min(50, cfg.dat_steps // 10))
+    t0, seen = time.perf_counter(), 0
+    for step in range(state["step"], cfg.dat_steps):
+        rng, _ = _rng(cfg.seed, 2, step, rank)
+        inputs, targets = _sample_dat_batch(sess_k, tok_k, ends_k, rng, cfg, model_config)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg.dat_steps, cfg.dat_lr, cfg.warmup_steps)
+        _, logits = ddp(inputs)  # [B, n, L, k, K]
+        ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+        per_head = ce.view(targets.shape).mean(dim=(0, 1, 2))
+        loss = per_head.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(dat.parameters(), cfg.grad_clip)
+        opt.step()
+        seen += inputs.numel()
+        next_ce = float(per_head[0].detach())
+        bar.set_postfix(
+            next_ce=f"{next_ce:.3f}",
+            tok_s=f"{seen / (time.perf_counter() - t0):,.0f}",
+            refresh=False,
+        )
+        bar.update(1)
+        if (step + 1) % log_every == 0:
+            state["history"].append(
+                {
+                    "stage": "dat",
+                    "step": step + 1,
+                    "loss": float(loss.detach()),
+                    "next_token_ce": next_ce,
+                }
+            )
+        state["step"] = step + 1
+        if (
+            checkpoint is not None
+            and rank == 0
+            and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.dat_steps)
+        ):
+            checkpoint(opt)
+    bar.close()
+    dat.eval()
+
+
+def adapt(
+    model: CalM,
+    sessions: Sequence[PreparedSession],
+    steps: int = 300,
+    lr: float = 5e-4,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalM:
+    """Fine-tune a copy of the DAT on the training frames of ``sessions`` (tokenizer frozen).
+
+    The same next-token objective as pretraining, on exactly the data the
+    baselines are fitted on, so the comparison is like for like.
+    """
+    import copy
+
+    tuned = copy.deepcopy(model)
+    cfg = TrainConfig(dat_steps=steps, dat_lr=lr, warmup_steps=min(50, steps // 5 + 1), seed=seed)
+    state: dict[str, Any] = {"stage": "dat", "step": 0, "history": []}
+    _train_dat(tuned, sessions, cfg, state, None, None, progress, desc="adapt")
+    tuned.eval()
+    return tuned
 
 
 @torch.no_grad()

@@ -1,15 +1,26 @@
 """Pure-torch references of every kernel: the ground truth of the kernel tests
 and the CPU path of the dispatcher. Shapes are in the docstrings.
+
+The references are written op for op like the model code they replace, so
+that the CPU path gives bit-identical results to the model's own math.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["codebook_lookup_ref"]
+__all__ = [
+    "codebook_lookup_ref",
+    "neural_attention_ref",
+    "rotary_ref",
+    "temporal_attention_step_ref",
+]
 
 
-def codebook_lookup_ref(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def codebook_lookup_ref(
+    x: torch.Tensor, codebook: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest codebook entry by squared Euclidean distance.
 
     Args:
@@ -27,3 +38,63 @@ def codebook_lookup_ref(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
     best = dist.topk(2, dim=-1, largest=False, sorted=True)
     ids = dist.argmin(dim=-1)  # first minimum: the lowest index among ties
     return ids, codebook[ids], best.values[:, 1] - best.values[:, 0]
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs ``(x[..., :d/2], x[..., d/2:])`` by the angles; tables ``[..., d/2]``.
+
+    The same math as ``calm_rt.model.apply_rotary`` (this package may not
+    import calm_rt): the tables are cast to ``x``'s dtype first.
+    """
+    half = x.shape[-1] // 2
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def temporal_attention_step_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: int,
+    keep: torch.Tensor | None,
+) -> torch.Tensor:
+    """One incremental step of the temporal (per-neuron, causal) attention.
+
+    Args:
+        q, k, v: ``[N, H, d]`` the new token's query, key and value (q and k
+            not yet rotated).
+        cos, sin: ``[1, d/2]`` rotary tables of the new token's position.
+        k_cache, v_cache: ``[N, H, C, d]`` rotated keys and values; slot
+            ``slot`` is overwritten in place with the new token's.
+        slot: the cache slot of the new token, ``0 <= slot < C``.
+        keep: ``[C]`` bool, the slots inside the query's window (at least
+            one); ``None`` means every slot.
+
+    Returns:
+        The attention output ``[N, H, d]`` (before the output projection).
+    """
+    head_dim = q.shape[-1]
+    q, k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    k_cache[:, :, slot] = k
+    v_cache[:, :, slot] = v
+    scores = (q[:, :, None] * k_cache).sum(-1) * head_dim**-0.5  # [N, H, C]
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return (scores.softmax(-1)[..., None] * v_cache).sum(2)  # [N, H, d]
+
+
+def neural_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention across neurons: ``q, k, v [H, N, d]`` to ``[H, N, d]``.
+
+    Softmax scale ``d**-0.5``, no mask.
+    """
+    # Contiguous 4D inputs get PyTorch's flash kernel on CPU; strided or 3D
+    # ones fall back to a path several times slower.
+    q, k, v = (t.contiguous()[None] for t in (q, k, v))  # [1, H, N, d]
+    return F.scaled_dot_product_attention(q, k, v)[0]

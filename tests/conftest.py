@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Before anything imports the Triton kernels: with no GPU they run (and are
+# tested) in Triton's CPU interpreter. Triton reads this when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The small real recordings of ../shared/data (see its SOURCES.md), resolved
 # from the repository root so the tests run from any working directory.

@@ -85,16 +85,24 @@ def test_dropped_frames_are_filled_and_reported(model, session):
     )
 
 
-def test_a_long_gap_restarts_the_engine(model, session):
-    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0, max_gap_seconds=1.0))
-    first = _stream(engine, session.traces[:, :100], session.neuropil[:, :100])
-    after = engine.step(session.traces[:, 200], seq=200, neuropil=session.neuropil[:, 200])
-    assert after.reset and after.filled == 0 and after.frame == 0 and not first[-1].reset
-    fresh = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
-    np.testing.assert_allclose(
-        after.forecast,
-        fresh.step(session.traces[:, 200], neuropil=session.neuropil[:, 200]).forecast,
+def test_a_long_gap_restarts_the_model_and_a_medium_one_is_skipped(model, session):
+    engine = StreamingEngine(
+        model, EngineConfig(n_neurons=24, fps=30.0, max_fill_frames=8, max_gap_seconds=1.0)
     )
+    first = _stream(engine, session.traces[:, :100], session.neuropil[:, :100])
+    skip = engine.step(
+        session.traces[:, 120], seq=120, neuropil=session.neuropil[:, 120]
+    )  # 20 lost
+    assert (skip.skipped, skip.filled, skip.reset, skip.frame) == (20, 0, False, 120)
+    assert np.isfinite(skip.forecast).all()
+    after = engine.step(
+        session.traces[:, 300], seq=300, neuropil=session.neuropil[:, 300]
+    )  # 179 lost
+    assert after.reset and after.skipped == 179 and after.frame == 0 and not first[-1].reset
+    # The model restarted: only the new token is in the caches.
+    assert (engine.slot_pos >= 0).sum() == 1
+    nxt = engine.step(session.traces[:, 301], seq=301, neuropil=session.neuropil[:, 301])
+    assert not nxt.reset and nxt.frame == 1
 
 
 def test_nan_values_are_masked_not_propagated(model, session):
