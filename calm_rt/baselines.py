@@ -8,7 +8,8 @@ penalties and early stopping) and scored on test blocks by
 
 - ``copy_last``: the last frame, repeated (the protocol's reference).
 - ``linear_ar``: per-neuron ridge on the neuron's own past 48 frames and on
-  the population's recent past (leading principal components).
+  the population's recent past (leading principal components), both taken
+  relative to the last frame.
 - ``poco_mlp``: a POCO-style learned forecaster (arXiv 2506.14957): each
   neuron's past through an MLP, conditioned (FiLM) on a population encoding
   that learned latent queries pool from all neurons with per-session unit
@@ -76,7 +77,10 @@ class CopyLast:
 
 
 class LinearAR:
-    """Per-neuron ridge: own past ``context`` frames + population PCs over the last ``pop_lags`` frames."""
+    """Per-neuron ridge on its own past ``context`` frames and population PCs over the last ``pop_lags``.
+
+    Both relative to the last frame; fitted on every ``stride``-th training window.
+    """
 
     name = "linear_ar"
 
@@ -84,10 +88,14 @@ class LinearAR:
         self.n_pcs, self.pop_lags, self.stride = n_pcs, pop_lags, stride
 
     def _features(self, k: int, context: Tensor) -> Tensor:
-        # [B, N, C] -> [N, B, C + pcs * lags]; forecasting the change from the last frame
-        pcs = torch.einsum("bnc,np->bpc", context[..., -self.pop_lags :], self.loadings[k])
+        # [B, N, C] -> [N, B, C - 1 + pcs * lags]: the change from the last frame is
+        # forecast from the context relative to that frame, so a level that drifts
+        # between training and test blocks does not pull the forecast back to the
+        # training mean (it did, and lost to copy_last on short sessions).
+        rel = context - context[..., -1:]
+        pcs = torch.einsum("bnc,np->bpc", rel[..., -self.pop_lags :], self.loadings[k])
         pop = pcs.reshape(context.shape[0], -1)[:, None, :].expand(-1, context.shape[1], -1)
-        return torch.cat([context, pop], dim=-1).transpose(0, 1).double()
+        return torch.cat([rel[..., :-1], pop], dim=-1).transpose(0, 1).double()
 
     def fit(self, sessions: Sequence[PreparedSession], protocol: Protocol) -> None:
         self.loadings: list[Tensor] = []
@@ -96,9 +104,9 @@ class LinearAR:
             train = np.nan_to_num(s.z[:, s.labels == TRAIN])
             u, _, _ = np.linalg.svd(train - train.mean(1, keepdims=True), full_matrices=False)
             self.loadings.append(torch.from_numpy(u[:, : self.n_pcs].astype(np.float32)))
-            starts = protocol.window_starts(s.labels, TRAIN)[:: max(1, self.stride)]
-            if starts.size == 0:
-                starts = _dense_starts(s.labels, TRAIN, protocol)
+            # Every `stride`-th training window, not the protocol's test stride:
+            # an 80-feature ridge needs the samples, and overlap costs nothing here.
+            starts = _dense_starts(s.labels, TRAIN, protocol)[:: max(1, self.stride)]
             ctx, tgt = windows_at(s.z, starts, protocol.context, protocol.horizon)
             x = self._features(k, ctx)
             y = (tgt - ctx[..., -1:]).transpose(0, 1).double()

@@ -296,7 +296,11 @@ def pretrain(
         if state["step"] > 0 and (out / "optimizer.safetensors").exists():
             _load_optimizer(opt, out / "optimizer")
         ddp = nn.parallel.DistributedDataParallel(tok) if world > 1 else tok
-        counts = torch.zeros(model_config.tokenizer.codebook_size)
+        # Code usage since the last dead-code restart; saved with the state so that
+        # a resumed run restarts the same codes as an uninterrupted one.
+        counts = torch.tensor(
+            state.get("code_counts") or [0.0] * model_config.tokenizer.codebook_size
+        )
         bar = _progress(cfg.tokenizer_steps, "tokenizer", state["step"], progress and rank == 0)
         t0 = time.perf_counter()
         for step in range(state["step"], cfg.tokenizer_steps):
@@ -336,6 +340,7 @@ def pretrain(
             bar.update(1)
             state["step"] = step + 1
             if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.tokenizer_steps):
+                state["code_counts"] = counts.tolist()
                 save_checkpoint(model, out)
                 _save_optimizer(opt, out / "optimizer")
                 _write_state(out, state)
@@ -348,10 +353,12 @@ def pretrain(
             )
             print(f"tokenizer done: {rate:,.0f} windows/s", flush=True)
         state.update(stage="dat", step=0)
+        state.pop("code_counts", None)
         if rank == 0:
             save_checkpoint(model, out)
             _write_state(out, state)
             (out / "optimizer.safetensors").unlink(missing_ok=True)
+            (out / "optimizer.json").unlink(missing_ok=True)
 
     # -- stage 2: dual-axis transformer -------------------------------------
     if state["stage"] == "dat" and cfg.dat_steps == 0:

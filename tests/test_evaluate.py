@@ -36,7 +36,7 @@ def sessions():
 
 
 def test_protocol_splits_blocks_in_turn():
-    labels = Protocol(block_frames=10).labels(60)
+    labels = Protocol(context=4, horizon=2, block_frames=10).labels(60)
     assert labels[:50].reshape(5, 10)[:, 0].tolist() == [TRAIN, TRAIN, TRAIN, VAL, TEST]
     starts = Protocol(context=4, horizon=2, block_frames=10, stride=2).window_starts(labels, TEST)
     assert starts.tolist() == [40, 42, 44]  # windows never cross a block boundary
@@ -100,7 +100,8 @@ def test_eval_cli_on_real_zebrafish_regions(shared_data, tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "calm_rt", "eval", "--data", str(shared_data / "zebrafish_legare"),
-            "--fps", "1", "--block-frames", "150", "--poco-steps", "100", "--json", str(out),
+            "--fps", "1", "--block-frames", "150", "--poco-steps", "60", "--adapt-steps", "40",
+            "--json", str(out),
         ],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -49,21 +49,26 @@ def test_pretraining_lowers_both_losses(sessions, tmp_path):
     assert meta["pretraining"]["tokenizer_final"]["codes_used"] > 0.3
 
 
-def test_resumed_run_equals_uninterrupted_run(sessions, tmp_path):
-    from dataclasses import replace
+class _Killed(Exception):
+    """Stands for the process dying (power cut, OOM kill) right after a save."""
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "dat"])
+def test_resumed_run_equals_uninterrupted_run(sessions, tmp_path, monkeypatch, stage):
+    import calm_rt.train as train
 
     straight = pretrain(sessions, tmp_path / "a", "tiny", FAST, progress=False)
-    # Stop after the first saves of each stage, then resume to the end.
-    pretrain(
-        sessions,
-        tmp_path / "b",
-        "tiny",
-        replace(FAST, tokenizer_steps=40, dat_steps=0),
-        progress=False,
-    )
-    state = json.loads((tmp_path / "b" / "train_state.json").read_text())
-    state.update(stage="tokenizer", step=40)  # as if killed right after step 40
-    (tmp_path / "b" / "train_state.json").write_text(json.dumps(state))
+    write_state = train._write_state
+
+    def write_then_die(out, state):
+        write_state(out, state)
+        if state["stage"] == stage and state["step"] == 40:
+            raise _Killed
+
+    monkeypatch.setattr(train, "_write_state", write_then_die)
+    with pytest.raises(_Killed):
+        pretrain(sessions, tmp_path / "b", "tiny", FAST, progress=False)
+    monkeypatch.setattr(train, "_write_state", write_state)
     resumed = pretrain(sessions, tmp_path / "b", "tiny", FAST, progress=False)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=f"{name} differs after resume")
