@@ -23,11 +23,10 @@ $(STAMP): pyproject.toml scripts/install_system_deps.sh
 	$(PY) -m pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
-# Until the live loop lands (`calm-rt demo`), the demo shows the data layer:
-# a simulated two-animal corpus and its summary.
+# The main job on the embedded defaults: a simulated 512x512 microscope at
+# 30 Hz, the shipped checkpoint, a rig listener, all on loopback, for 20 s.
 demo: install
-	$(VENV)/bin/calm-rt simulate --out demo-out/sim --animals 2 --sessions 1 --neurons 64 --frames 900
-	$(VENV)/bin/calm-rt info demo-out/sim
+	$(VENV)/bin/calm-rt demo --seconds 20 --json demo-out/demo.json
 
 test: install lint
 	QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1600x1000x24" \
@@ -47,6 +46,15 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix calm_rt kernels napari_plugin bench tests
 	$(VENV)/bin/ruff format calm_rt kernels napari_plugin bench tests
+
+# Rebuild the shipped default checkpoint (about 25 min on 2 CPU cores; see README).
+checkpoint: install
+	$(VENV)/bin/calm-rt simulate --out runs/corpus --animals 6 --sessions 3 \
+		--neurons 128 --frames 10000 --seed 1
+	$(VENV)/bin/calm-rt pretrain --data runs/corpus --out runs/ckpt_default \
+		--holdout-sessions 1 --tokenizer-steps 1500 --dat-steps 1500 --seed 0
+	mkdir -p calm_rt/checkpoints/default
+	cp runs/ckpt_default/model.safetensors runs/ckpt_default/config.json calm_rt/checkpoints/default/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-out bench-out

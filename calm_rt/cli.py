@@ -3,8 +3,9 @@
 Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in
 :data:`_COMMANDS` with its parser. Errors that the user can fix are
 :class:`~calm_rt.errors.CalmError`: printed as one line, exit status 1.
-Features not built yet raise :class:`~calm_rt.errors.NotAvailableError`:
-exit status 69 (EX_UNAVAILABLE), so scripts can tell them apart.
+A feature missing on this install (the GUI without napari, say) raises
+:class:`~calm_rt.errors.NotAvailableError`: exit status 69 (EX_UNAVAILABLE),
+so scripts can tell it apart.
 """
 
 from __future__ import annotations
@@ -43,16 +44,6 @@ def arguments(setup: Callable[[argparse.ArgumentParser], None]) -> Callable:
         return fn
 
     return wrap
-
-
-def _not_available(name: str, issue: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        raise NotAvailableError(
-            f"`calm-rt {name}` is not available in this version yet ({issue}); "
-            "see the README for what works today"
-        )
-
-    return handler
 
 
 # ---------------------------------------------------------------------------
@@ -341,6 +332,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--poco-steps", type=int, default=1500, help="training steps of the POCO-style baseline"
     )
+    p.add_argument(
+        "--adapt-steps", type=int, default=300,
+        help="first fine-tune CalM on the training blocks the baselines use (0: zero-shot only)",
+    )  # fmt: skip
     _protocol_args(p)
 
 
@@ -361,6 +356,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model, meta, prepared, _protocol(args),
         forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=args.poco_steps)],
         progress=lambda msg: print(msg, flush=True),
+        adapt_steps=args.adapt_steps,
     )  # fmt: skip
     result["checkpoint"] = str(args.checkpoint or "shipped default")
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -380,39 +376,378 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Planned commands: their interface exists, the feature does not yet.
-
-_PLANNED = {
-    "demo": (
-        "run mock scope, server and rig client on loopback and report latency",
-        "calm-rt demo --seconds 20 --json demo.json",
-        "the ZeroMQ service issue",
-    ),
-    "serve": (
-        "serve predictions for a live microscope over ZeroMQ",
-        "calm-rt serve --ingest tcp://127.0.0.1:5555",
-        "the ZeroMQ service issue",
-    ),
-    "mock-scope": (
-        "stream a simulated or recorded movie like a microscope",
-        "calm-rt mock-scope --fps 30",
-        "the ZeroMQ service issue",
-    ),
-    "listen": (
-        "subscribe to a server's predictions and print latency",
-        "calm-rt listen --connect tcp://127.0.0.1:5556",
-        "the ZeroMQ service issue",
-    ),
-    "analyze": (
-        "linear probes of what the model learned about neurons",
-        "calm-rt analyze --data sim/ --out analysis/",
-        "the representation analysis issue",
-    ),
-}
+# serve / mock-scope / listen / keys / demo
 
 
-def _planned_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ingest",
+        default="tcp://127.0.0.1:5555",
+        help="the scope's endpoint (default tcp://127.0.0.1:5555)",
+    )
+    p.add_argument("--ingest-mode", choices=("sub", "pull"), default="sub",
+                   help="sub: connect to the scope's PUB (default); pull: bind and let the scope PUSH")  # fmt: skip
+    p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="where rigs subscribe (bound)")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="JSON control socket (bound)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="model checkpoint (default: shipped)"
+    )
+    p.add_argument(
+        "--fps", type=float, default=30.0, help="the scope's frame rate in Hz (default 30)"
+    )
+    p.add_argument(
+        "--kind", choices=("F", "dff"), default="F", help="what traces hold (default raw F)"
+    )
+    p.add_argument(
+        "--horizon", type=int, default=None, help="frames to forecast (default: the model's)"
+    )
+    p.add_argument(
+        "--rois", type=Path, default=None, help="npz with footprints [R,H,W] or labels [H,W]"
+    )
+    p.add_argument(
+        "--record", type=Path, default=None, help="record inputs and outputs to this HDF5 file"
+    )
+    p.add_argument(
+        "--triggers", type=Path, default=None, help="JSON file of closed-loop trigger rules"
+    )
+    p.add_argument("--keys", type=Path, default=None, help="CURVE key folder (from `calm-rt keys`)")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="stop after this long (default: until stopped)"
+    )
+
+
+@command(
+    "serve",
+    "serve forecasts and decoded behaviour for a live microscope over ZeroMQ",
+    "calm-rt serve --ingest tcp://127.0.0.1:5555 --rois rois.npz --record session.h5",
+)
+@arguments(_serve_args)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from calm_rt.security import CurveKeys
+    from calm_rt.service import Server, ServiceConfig
+    from calm_rt.triggers import load_rules
+
+    rules = tuple(r.to_dict() for r in load_rules(args.triggers)) if args.triggers else ()
+    config = ServiceConfig(
+        ingest=args.ingest, ingest_mode=args.ingest_mode, publish=args.publish, control=args.control,
+        checkpoint=args.checkpoint, fps=args.fps, kind=args.kind, horizon=args.horizon, rois=args.rois,
+        record=args.record, triggers=rules, keys=CurveKeys.from_folder(args.keys) if args.keys else None,
+    )  # fmt: skip
+    server = Server(config).start()
+    stop = lambda signum, frame: server.stop(f"signal {signum}")  # noqa: E731
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(
+        f"serving: ingest {args.ingest} ({args.ingest_mode}), publish {args.publish}, control {args.control}",
+        flush=True,
+    )
+    try:
+        server.wait(args.seconds)
+    finally:
+        server.stop("done" if args.seconds else "stopped")
+    status = server.status()
+    print(json.dumps({"stopped": server.stop_reason, **status}), flush=True)
+    return 0
+
+
+def _mockscope_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint", default="tcp://127.0.0.1:5555", help="bind (pub) or connect (push) here"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("pub", "push"),
+        default="pub",
+        help="PUB like ScanImage (default) or PUSH",
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="TIFF/HDF5/npy movie or a session file; default: simulate",
+    )
+    p.add_argument(
+        "--fps", type=float, default=None, help="frame rate (default: the source's, else 30)"
+    )
+    p.add_argument(
+        "--frames", type=int, default=None, help="frames to send (default: the whole source)"
+    )
+    p.add_argument("--loop", action="store_true", help="loop the source")
+    p.add_argument("--neurons", type=int, default=256, help="simulated neurons (default 256)")
+    p.add_argument(
+        "--size", type=int, default=512, help="simulated frame size in pixels (default 512)"
+    )
+    p.add_argument(
+        "--sim-frames", type=int, default=300, help="simulated movie length (default 300, looped)"
+    )
+    p.add_argument(
+        "--rois-out", type=Path, default=None, help="write the simulated footprints here (npz)"
+    )
+    p.add_argument(
+        "--wait-s", type=float, default=30.0, help="wait this long for a subscriber (pub)"
+    )
+    p.add_argument(
+        "--drop", type=int, nargs="*", default=(), help="sequence numbers to drop (rehearse loss)"
+    )
+    p.add_argument("--json", type=Path, default=None, help="write what was sent as JSON")
+
+
+@command(
+    "mock-scope",
+    "stream a simulated or recorded movie (or session traces) like a microscope",
+    "calm-rt mock-scope --fps 30 --frames 900 --rois-out rois.npz",
+)
+@arguments(_mockscope_args)
+def _cmd_mockscope(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calm_rt.errors import ConfigError
+    from calm_rt.mockscope import FrameSource, MockScope, simulated_movie
+
+    if args.source is not None:
+        source = FrameSource.from_file(args.source)
+    else:
+        print(
+            f"rendering a simulated {args.size}x{args.size} movie of {args.neurons} neurons...",
+            flush=True,
+        )
+        source = simulated_movie(args.neurons, args.size, args.sim_frames, args.fps or 30.0)
+        if args.rois_out:
+            args.rois_out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.rois_out, footprints=source.footprints)
+    fps = args.fps or source.fps or 30.0
+    scope = MockScope(args.endpoint, args.mode)
+    try:
+        if not scope.wait_for_subscriber(args.wait_s):
+            raise ConfigError(f"no subscriber connected to {args.endpoint} within {args.wait_s} s")
+        frames = (
+            args.frames if args.frames is not None else (None if args.loop else source.n_frames)
+        )
+        print(f"streaming {source.kind} at {fps:g} Hz on {args.endpoint}", flush=True)
+        stats = scope.stream(
+            source, fps, frames, loop=args.loop or args.source is None, drop=set(args.drop)
+        )
+    finally:
+        scope.close()
+    print(json.dumps(stats), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(stats))
+    return 0
+
+
+def _listen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--connect", default="tcp://127.0.0.1:5556", help="the server's publish endpoint"
+    )
+    p.add_argument("--topics", nargs="+", default=["forecast", "behavior", "trigger", "status"])
+    p.add_argument(
+        "--seconds", type=float, default=None, help="listen this long (default: until Ctrl-C)"
+    )
+    p.add_argument("--frames", type=int, default=None, help="stop after this many forecasts")
+    p.add_argument("--quiet", action="store_true", help="no line per message")
+    p.add_argument("--json", type=Path, default=None, help="write latency statistics as JSON")
+    p.add_argument(
+        "--keys", type=Path, default=None, help="CURVE key folder (client.key_secret, server.key)"
+    )
+
+
+@command(
+    "listen",
+    "subscribe to a server's forecasts, behaviour, triggers and status; report latency",
+    "calm-rt listen --connect tcp://127.0.0.1:5556 --seconds 10 --json latency.json",
+)
+@arguments(_listen_args)
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from calm_rt.client import RigClient
+
+    def show(msg) -> None:
+        h = msg.header
+        if msg.topic == "forecast":
+            f = msg.arrays["forecast"]
+            print(
+                f"forecast seq {h['seq']}: {f.shape[0]} neurons x {f.shape[1]} frames, mean {f.mean():+.3f}"
+            )
+        elif msg.topic == "behavior":
+            vals = ", ".join(
+                f"{n}={v:.3g}" for n, v in zip(h.get("names", []), msg.arrays["behavior"])
+            )
+            print(f"behavior seq {h['seq']}: {vals}")
+        elif msg.topic == "trigger":
+            print(f"TRIGGER {h['rule']} at seq {h['seq']}: {h['value']:.3f} > {h['threshold']}")
+        else:
+            print(
+                f"status: {h.get('answered')} answered, p99 {h.get('latency_p99_ms')} ms, rejected {h.get('rejected')}"
+            )
+
+    callbacks = {} if args.quiet else {t: show for t in args.topics}
+    curve = {}
+    if args.keys:
+        curve = {
+            "client_secret": args.keys / "client.key_secret",
+            "server_public": args.keys / "server.key",
+        }
+    with RigClient(args.connect, tuple(args.topics), callbacks, **curve) as rig:
+        done = (
+            (lambda: rig.stats_by_topic["forecast"].seqs.__len__() >= args.frames)
+            if args.frames
+            else None
+        )
+        try:
+            rig.run(args.seconds, until=done)
+        except KeyboardInterrupt:
+            pass
+        stats = rig.stats()
+        samples = rig.stats(samples=True)
+    print(json.dumps(stats), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(samples))
+    return 0
+
+
+def _keys_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for the key files")
+
+
+@command(
+    "keys",
+    "generate ZeroMQ CURVE keys for serving beyond this machine",
+    "calm-rt keys --out keys/ && calm-rt serve --publish tcp://0.0.0.0:5556 --keys keys/",
+)
+@arguments(_keys_args)
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from calm_rt.security import generate_keys
+
+    paths = generate_keys(args.out)
+    print(
+        f"server keys: {paths['server_secret']} (keep private), {paths['server_public']} (give to rigs)"
+    )
+    print(
+        f"client keys: {paths['client_secret']} (for the rig), authorised in {args.out / 'authorized'}/"
+    )
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=20.0, help="how long to stream (default 20)")
+    p.add_argument("--json", type=Path, default=None, help="write the summary as JSON")
+    p.add_argument("--neurons", type=int, default=256, help="simulated neurons (default 256)")
+    p.add_argument("--size", type=int, default=512, help="frame size in pixels (default 512)")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate (default 30)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="model checkpoint (default: shipped)"
+    )
+    p.add_argument("--gui", action="store_true", help="open the live view in napari")
+    p.add_argument(
+        "--workdir", type=Path, default=Path("demo-out"), help="where the movie and ROIs go"
+    )
+
+
+@command(
+    "demo",
+    "run mock scope, server and rig client on loopback, headless, and report latency",
+    "calm-rt demo --seconds 20 --json demo.json",
+)
+@arguments(_demo_args)
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from calm_rt.demo import run_demo
+
+    if args.gui:
+        # Qt and napari load only here: the runtime never imports them.
+        try:
+            from napari_plugin._app import run_live_demo
+        except ImportError as exc:
+            from calm_rt.errors import NotAvailableError
+
+            raise NotAvailableError(
+                f"the live view needs napari and Qt ({exc}); install them with "
+                "`pip install 'calm-rt[gui]'` or run without --gui"
+            ) from exc
+        print(
+            "opening napari: the demo streams until the window is closed (--seconds and --json "
+            "apply to the headless run)",
+            flush=True,
+        )
+        return run_live_demo(
+            neurons=args.neurons, size=args.size, fps=args.fps, checkpoint=args.checkpoint
+        )
+    summary = run_demo(
+        seconds=args.seconds, neurons=args.neurons, size=args.size, fps=args.fps,
+        checkpoint=args.checkpoint, workdir=args.workdir, log=lambda m: print(m, flush=True),
+    )  # fmt: skip
+    summary.pop("latencies_ms", None)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# analyze
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", nargs="+", required=True, type=Path, help="session files or corpus folders"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (JSON and figures)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint folder (default: shipped)"
+    )
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--permutations", type=int, default=2000, help="Mantel test permutations (default 2000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of folds and permutations")
+    _protocol_args(p)
+
+
+@command(
+    "analyze",
+    "linear probes of what the model learned about neurons, populations and brain regions",
+    "calm-rt analyze --data heldout/ --out analysis/\n"
+    "  calm-rt analyze --data ../shared/data/zebrafish_legare --fps 1 --block-frames 100 --out fish/",
+)
+@arguments(_analyze_args)
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from calm_rt.analysis import AnalysisConfig, run_analysis
+    from calm_rt.errors import ConfigError
+    from calm_rt.model import load_checkpoint
+
+    if args.folds < 2 or args.permutations < 1:
+        raise ConfigError("--folds must be >= 2 and --permutations >= 1")
+    model, _ = load_checkpoint(args.checkpoint)
+    prepared = _prepare(args.data, args)
+    config = AnalysisConfig(folds=args.folds, permutations=args.permutations, seed=args.seed)
+    meta = {
+        "checkpoint": str(args.checkpoint or "shipped default"),
+        "data": [str(d) for d in args.data],
+        "block_frames": args.block_frames,
+    }
+    result = run_analysis(
+        model, prepared, args.out, config, progress=lambda m: print(m, flush=True), meta=meta
+    )
+    print(
+        f"\n{'probe':<24}{'split':<16}{'metric':<10}{'model':>7}{'base':>7}{'both':>7}{'chance':>8}"
+    )
+    for r in result["probes"]:
+        split = r["split"].split(" ")[0]
+        print(
+            f"{r['name']:<24}{split:<16}{r['metric']:<10}{r['model']:>7.3f}{r['baseline']:>7.3f}"
+            f"{r['combined']:>7.3f}{r['chance']:>8.3f}"
+        )
+    for s in result["skipped"]:
+        print(f"skipped {s['probe']}: {s['reason']}")
+    if "anatomy" in result:
+        a = result["anatomy"]
+        for key in ("representation_vs_anatomy", "raw_vs_anatomy", "representation_vs_raw"):
+            m = a[key]
+            print(f"Mantel {key}: Spearman {m['spearman']:.3f}, p = {m['p']:.4f}")
+    print(f"written to {args.out}/ ({', '.join(['analysis.json', *result['figures']])})")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -437,16 +772,6 @@ def build_parser() -> argparse.ArgumentParser:
         setup(p)
         p.set_defaults(handler=handler)
     return parser
-
-
-for _name, (_help, _example, _issue) in _PLANNED.items():
-    if _name not in _COMMANDS:
-        _COMMANDS[_name] = (
-            f"{_help} [not available yet]",
-            _example,
-            _planned_args,
-            _not_available(_name, _issue),
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

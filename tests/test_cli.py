@@ -6,9 +6,7 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from calm_rt.cli import _COMMANDS, EXIT_UNAVAILABLE
+from calm_rt.cli import _COMMANDS
 from calm_rt.data import load_corpus
 
 DESIGN_COMMANDS = {
@@ -87,12 +85,3 @@ def test_user_errors_are_one_clear_line(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("info", str(tmp_path), check=False)  # an empty folder
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize(
-    "name", sorted(n for n, v in _COMMANDS.items() if "[not available yet]" in v[0])
-)
-def test_planned_commands_say_so_and_fail(name):
-    proc = run(name, check=False)
-    assert proc.returncode == EXIT_UNAVAILABLE
-    assert "not available" in proc.stderr

@@ -1,0 +1,172 @@
+"""A microscope stand-in: streams frames (or traces) over ZeroMQ with accurate pacing.
+
+Like ScanImage's ZeroMQ output it publishes on a PUB socket (or PUSHes),
+one message per frame with a sequence number and the acquisition time. Frame
+sources: a simulated movie (rendered up front so pacing is not disturbed),
+a TIFF/HDF5/npy movie file, or a session file (sent as ``traces``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from calm_rt.data import (
+    SimConfig,
+    load_session,
+    make_animal,
+    open_movie,
+    render_movie,
+    simulate_session,
+)
+from calm_rt.errors import ConfigError
+from calm_rt.protocol import encode
+
+__all__ = ["FrameSource", "MockScope", "simulated_movie"]
+
+
+@dataclass
+class FrameSource:
+    """What to stream: ``kind`` is ``frame`` (images) or ``traces``; ``get(i)`` returns buffers."""
+
+    kind: str
+    n_frames: int
+    fps: float | None
+    get: Any  # Callable[[int], dict[str, np.ndarray]]
+    footprints: np.ndarray | None = None  # [R, H, W] for simulated movies
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FrameSource:
+        path = Path(path)
+        if path.suffix == ".npz" or path.is_dir():
+            s = load_session(path)
+            npil = s.neuropil
+
+            def get(i: int) -> dict[str, np.ndarray]:
+                out = {"traces": s.traces[:, i]}
+                if npil is not None:
+                    out["neuropil"] = npil[:, i]
+                return out
+
+            return cls("traces", s.n_frames, s.fps, get)
+        movie = open_movie(path)
+        return cls("frame", len(movie), movie.fps, lambda i: {"image": movie[i]})
+
+
+def simulated_movie(
+    neurons: int = 256, size: int = 512, frames: int = 600, fps: float = 30.0, seed: int = 0
+) -> FrameSource:
+    """Render a simulated two-photon movie in memory (with its ROI footprints)."""
+    cfg = SimConfig(
+        animals=1,
+        sessions=1,
+        neurons=neurons,
+        frames=frames,
+        fps=fps,
+        movie=True,
+        movie_size=size,
+        seed=seed,
+    )
+    session, truth = simulate_session(cfg, make_animal(cfg, 0), 0)
+    frames_iter, mtruth = render_movie(session, truth, cfg)
+    movie = np.concatenate(list(frames_iter()))
+    return FrameSource(
+        "frame", movie.shape[0], fps, lambda i: {"image": movie[i]}, mtruth.footprint_images()
+    )
+
+
+class MockScope:
+    """Stream a :class:`FrameSource` at ``fps`` on ``endpoint`` (``pub``: bind XPUB; ``push``: connect PUSH)."""
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", mode: str = "pub") -> None:
+        if mode not in ("pub", "push"):
+            raise ConfigError(f"mode must be 'pub' or 'push', got {mode!r}")
+        self.ctx = zmq.Context()
+        self.mode = mode
+        if mode == "pub":
+            # XPUB tells us when a subscriber arrives, so no frame is sent into the void.
+            self.sock = self.ctx.socket(zmq.XPUB)
+            self.sock.bind(endpoint)
+        else:
+            self.sock = self.ctx.socket(zmq.PUSH)
+            self.sock.connect(endpoint)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+
+    def wait_for_subscriber(self, timeout_s: float = 10.0) -> bool:
+        if self.mode != "pub":
+            return True
+        if self.sock.poll(int(timeout_s * 1000)):
+            self.sock.recv()  # the subscription message
+            return True
+        return False
+
+    def stream(
+        self,
+        source: FrameSource,
+        fps: float,
+        n_frames: int | None = None,
+        loop: bool = False,
+        start_seq: int = 0,
+        drop: set[int] | None = None,
+    ) -> dict[str, Any]:
+        """Send frames paced at ``fps``; returns ``frames_sent`` and pacing jitter.
+
+        ``drop`` lists sequence numbers to skip (to rehearse lost frames).
+        """
+        if fps <= 0:
+            raise ConfigError(f"fps must be positive, got {fps}")
+        total = n_frames if n_frames is not None else (source.n_frames if not loop else None)
+        period = 1.0 / fps
+        late = []
+        sent = 0
+        t0 = time.perf_counter() + 0.01
+        for tick, i in enumerate(self._indices(source.n_frames, total, loop)):
+            seq = start_seq + tick
+            deadline = t0 + tick * period
+            _sleep_until(deadline)
+            late.append(time.perf_counter() - deadline)
+            if drop and seq in drop:
+                continue  # a frame the scope "lost"
+            buffers = source.get(i)
+            self.sock.send_multipart(
+                encode(source.kind, {"seq": seq, "t_acq": time.time(), "fps": fps}, buffers),
+                copy=False,
+            )
+            sent += 1
+        lateness = np.asarray(late) * 1e3 if late else np.zeros(1)
+        return {
+            "frames_sent": sent,
+            "duration_s": time.perf_counter() - t0,
+            "pacing_p99_ms": float(np.percentile(lateness, 99)),
+            "pacing_max_ms": float(lateness.max()),
+        }
+
+    @staticmethod
+    def _indices(n: int, total: int | None, loop: bool) -> Iterator[int]:
+        i = 0
+        while total is None or i < total:
+            if i >= n and not loop:
+                return
+            yield i % n
+            i += 1
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def _sleep_until(deadline: float) -> None:
+    """Sleep to within a millisecond of ``deadline``, then spin (sleep alone jitters by ms)."""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        if left > 0.002:
+            time.sleep(left - 0.0015)
