@@ -1,5 +1,37 @@
-"""napari plugin for calm-rt (npe2 manifest: ``napari.yaml``).
+"""napari plugin for calm-rt: the live closed-loop view, a session reader and sample data.
 
-The live closed-loop view is not built yet; the manifest is registered so the
-plugin is discoverable and validates.
+Contributions are declared in the npe2 manifest ``napari.yaml`` (registered
+through the ``napari.manifest`` entry point): the *Live view* dock widget
+(:class:`napari_plugin._widget.LiveView`), a reader for session files and
+recordings (:mod:`napari_plugin._reader`) and a simulated movie with ROI
+labels (:mod:`napari_plugin._sample`). See docs/napari.md.
+
+Importing this package is cheap: napari, Qt and torch load only when a
+contribution is used.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["EmbeddedDemo", "Endpoints", "LiveFeed", "LiveView", "get_reader"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LiveView":
+        from napari_plugin._widget import LiveView
+
+        return LiveView
+    if name == "get_reader":
+        from napari_plugin._reader import get_reader
+
+        return get_reader
+    if name in ("Endpoints", "LiveFeed"):
+        from napari_plugin import _feed
+
+        return getattr(_feed, name)
+    if name == "EmbeddedDemo":
+        from napari_plugin._embedded import EmbeddedDemo
+
+        return EmbeddedDemo
+    raise AttributeError(f"module 'napari_plugin' has no attribute {name!r}")
