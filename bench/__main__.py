@@ -1,10 +1,83 @@
-"""Entry point of ``python -m bench``."""
+"""``python -m bench``: what latency a rig gets, measured on this machine.
 
+    python -m bench --quick --json bench.json      # under a minute
+    python -m bench --out bench-out                # the full run: table, JSON, plots
+
+Every case warms up untimed, then times enough iterations for stable
+percentiles. Budgets from DESIGN.md are printed beside the figures as met or
+not met; the benchmark reports, it never fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from pathlib import Path
 
-print(
-    "python -m bench: the benchmarks are not available in this version yet "
-    "(see the benchmark issue); nothing was measured",
-    file=sys.stderr,
-)
-sys.exit(69)
+from bench.cases import CASES, E2E, environment, run_cases
+from bench.report import markdown_table, write_plots
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Latency benchmarks of calm-rt: extraction, tokenizer, engine step, "
+        "whole-window recompute baseline, kernels (GPU), and end to end over loopback ZeroMQ.",
+        epilog="example:\n  python -m bench --quick --json bench.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="a reduced run (under 60 s on 2 CPU cores)"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="folder for bench.json, bench.md and PNG plots"
+    )
+    ap.add_argument(
+        "--cases", nargs="+", choices=sorted(CASES), default=None, help="run only these cases"
+    )
+    ap.add_argument(
+        "--checkpoint", type=Path, default=None, help="model checkpoint (default: shipped)"
+    )
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument(
+        "--e2e-neurons", type=int, default=256, help="neurons in the end-to-end case (default 256)"
+    )
+    ap.add_argument(
+        "--e2e-size", type=int, default=512, help="frame size of the end-to-end case (default 512)"
+    )
+    ap.add_argument(
+        "--e2e-seconds", type=float, default=None, help="override each end-to-end run's length"
+    )
+    args = ap.parse_args(argv)
+    E2E.update(neurons=args.e2e_neurons, size=args.e2e_size, seconds=args.e2e_seconds)
+
+    env = environment(args.device)
+    print(
+        f"device: {env['device']} | torch {env['torch']} | {'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
+    cases = run_cases(args.cases, quick=args.quick, checkpoint=args.checkpoint, device=env["device_kind"],
+                      log=lambda m: print(m, flush=True))  # fmt: skip
+    result = {
+        "device": env["device"],
+        "torch": env["torch"],
+        "quick": args.quick,
+        **env["extra"],
+        "cases": cases,
+    }
+    table = markdown_table(result)
+    print("\n" + table)
+    for path in filter(None, [args.json, args.out and args.out / "bench.json"]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    if args.out:
+        (args.out / "bench.md").write_text(table + "\n")
+        for png in write_plots(result, args.out):
+            print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
