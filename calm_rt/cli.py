@@ -412,8 +412,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--keys", type=Path, default=None, help="CURVE key folder (from `calm-rt keys`)")
     p.add_argument(
+        "--max-lag-ms", type=float, default=50.0,
+        help="when a frame has waited this long, jump to the newest (default 50)",
+    )  # fmt: skip
+    _threads_arg(p)
+    p.add_argument(
         "--seconds", type=float, default=None, help="stop after this long (default: until stopped)"
     )
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads for the model (default: all cores but one, kept for I/O and the rig)",
+    )  # fmt: skip
 
 
 @command(
@@ -434,6 +446,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ingest=args.ingest, ingest_mode=args.ingest_mode, publish=args.publish, control=args.control,
         checkpoint=args.checkpoint, fps=args.fps, kind=args.kind, horizon=args.horizon, rois=args.rois,
         record=args.record, triggers=rules, keys=CurveKeys.from_folder(args.keys) if args.keys else None,
+        torch_threads=args.threads, max_lag_ms=args.max_lag_ms,
     )  # fmt: skip
     server = Server(config).start()
     stop = lambda signum, frame: server.stop(f"signal {signum}")  # noqa: E731
@@ -643,6 +656,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", type=Path, default=Path("demo-out"), help="where the movie and ROIs go"
     )
+    _threads_arg(p)
 
 
 @command(
@@ -676,6 +690,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(
         seconds=args.seconds, neurons=args.neurons, size=args.size, fps=args.fps,
         checkpoint=args.checkpoint, workdir=args.workdir, log=lambda m: print(m, flush=True),
+        threads=args.threads,
     )  # fmt: skip
     summary.pop("latencies_ms", None)
     print(json.dumps(summary, indent=2))

@@ -60,11 +60,10 @@ def run_demo(
     log: Callable[[str], None] = print,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run scope -> server -> rig on loopback for ``seconds``; return the summary."""
-    if threads:
-        import torch
+    """Run scope -> server -> rig on loopback for ``seconds``; return the summary.
 
-        torch.set_num_threads(threads)
+    ``threads``: torch threads of the server (default: all cores but one).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     frames = max(1, int(round(seconds * fps)))
     # Long runs loop a 20 s movie: rendering and holding hours of 512x512 frames buys nothing here.
@@ -77,6 +76,7 @@ def run_demo(
         checkpoint=checkpoint,
         fps=fps,
         rois=rois,
+        torch_threads=threads,
     )
     server = Server(config).start()
     py = [sys.executable, "-m", "calm_rt"]

@@ -183,12 +183,15 @@ class StreamingEngine:
         seq: int | None = None,
         neuropil: np.ndarray | None = None,
         behavior: np.ndarray | None = None,
+        fill: bool = True,
     ) -> Prediction:
         """Process one frame ``traces [N]`` (raw F or dF/F as configured).
 
         ``seq`` is the frame's sequence number from the scope (consecutive
         when nothing was lost); ``behavior [B]``, when given during a
-        calibration, is used to fit the ridge readout.
+        calibration, is used to fit the ridge readout. ``fill=False`` skips
+        a short gap instead of filling it (filling costs one model step per
+        lost frame): for a caller that dropped frames because it was behind.
         """
         traces = np.asarray(traces)
         if traces.shape != (self.n,):
@@ -212,7 +215,7 @@ class StreamingEngine:
             if gap > self.config.max_gap_frames:
                 self._reset_model()  # too long to bridge: the model starts over
                 reset, skipped = True, gap
-            elif gap > self.config.max_fill_frames:
+            elif gap > self.config.max_fill_frames or (gap and not fill):
                 self._skip(gap)
                 skipped = gap
             elif gap:
@@ -286,8 +289,10 @@ class StreamingEngine:
         phase, pos = self.frame % self.patch, self.frame // self.patch
         slot = pos % self.context
         self.slot_pos[phase, slot] = pos
-        keep = (self.slot_pos[phase] > pos - self.context).to(self.device)  # [C]: inside the window
-        cos, sin = dat.rotary(torch.tensor([pos], device=self.device))
+        keep_cpu = self.slot_pos[phase] > pos - self.context  # [C]: inside the window
+        # Once the window is full (almost every frame) no mask is needed at all.
+        keep = None if bool(keep_cpu.all()) else keep_cpu.to(self.device)
+        cos, sin = (t.float() for t in dat.rotary(torch.tensor([pos], device=self.device)))
         x = dat.embed(tokens)  # [N, W]
         for layer, block in enumerate(dat.blocks):
             k_cache, v_cache = self.k_cache[phase, layer], self.v_cache[phase, layer]

@@ -10,6 +10,7 @@ authorised: ZeroMQ drops the handshake, so such a peer receives nothing.
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,16 +92,20 @@ def check_bind_policy(config: Any, keys: CurveKeys | None) -> None:
 
 
 _authenticators: dict[int, ThreadAuthenticator] = {}
+# The service's threads secure their sockets concurrently; one ZAP handler per
+# context may exist, so the first one in starts it and the others wait.
+_authenticators_lock = threading.Lock()
 
 
 def secure_server_socket(sock: zmq.Socket, keys: CurveKeys, ctx: zmq.Context) -> None:
-    """Make ``sock`` a CURVE server that only accepts authorised client keys."""
-    auth = _authenticators.get(id(ctx))
-    if auth is None:
-        auth = ThreadAuthenticator(ctx)
-        auth.start()
-        auth.configure_curve(domain="*", location=str(keys.authorized))
-        _authenticators[id(ctx)] = auth
+    """Make ``sock`` a CURVE server that only accepts authorised client keys (thread-safe)."""
+    with _authenticators_lock:
+        auth = _authenticators.get(id(ctx))
+        if auth is None:
+            auth = ThreadAuthenticator(ctx)
+            auth.start()
+            auth.configure_curve(domain="*", location=str(keys.authorized))
+            _authenticators[id(ctx)] = auth
     public, secret = zmq.auth.load_certificate(keys.server_secret)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
@@ -108,7 +113,8 @@ def secure_server_socket(sock: zmq.Socket, keys: CurveKeys, ctx: zmq.Context) ->
 
 
 def stop_authenticator(ctx: zmq.Context) -> None:
-    auth = _authenticators.pop(id(ctx), None)
+    with _authenticators_lock:
+        auth = _authenticators.pop(id(ctx), None)
     if auth is not None:
         auth.stop()
 

@@ -3,11 +3,13 @@
 Four threads, each owning its sockets (ZeroMQ sockets are not thread-safe):
 
     ingest   SUB (connect to the scope's PUB) or PULL (bind): decode, stamp the
-             arrival time, push into a bounded inbox. A full inbox drops its
-             oldest frame (counted as ``skipped``): ingest never waits.
+             arrival time, push into a bounded inbox; ingest never waits.
     compute  takes frames in order: extraction (raw frames) -> engine step ->
-             triggers -> recording; queues the outputs. Control commands run
-             here too, between frames, so the engine has a single owner.
+             triggers -> recording; queues the outputs. When a frame has
+             waited longer than ``max_lag_ms`` it jumps to the newest frame,
+             dropping the ones between unanswered (counted as ``skipped``),
+             so latency stays bounded. Control commands run here too, between frames, so the
+             engine has a single owner.
     publish  PUB (bind): sends outputs; a slow subscriber only makes ZeroMQ
              drop messages for that subscriber, never stalls compute.
     control  REP (bind): JSON commands, answered after the compute thread
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zmq
 
 from calm_rt.engine import EngineConfig, Prediction, StreamingEngine
@@ -45,7 +49,7 @@ from calm_rt.security import CurveKeys, check_bind_policy, secure_server_socket,
 from calm_rt.segment import AutoSegmenter, Footprints, load_rois
 from calm_rt.triggers import TriggerRule, TriggerSet, load_rules
 
-__all__ = ["Server", "ServiceConfig", "load_footprints"]
+__all__ = ["Server", "ServiceConfig", "default_torch_threads", "load_footprints"]
 
 log = logging.getLogger("calm_rt.service")
 
@@ -64,18 +68,41 @@ class ServiceConfig:
     horizon: int | None = None
     rois: Path | None = None  # footprints for raw frames (npz: footprints [R,H,W] or labels [H,W])
     auto_segment: bool = True  # raw frames without ROIs: segment the first seconds of the stream
-    max_backlog: int = 60  # frames waiting for compute before the oldest is dropped (2 s at 30 Hz)
+    # When the oldest waiting frame has waited longer than this, compute is behind:
+    # every waiting frame but the newest is dropped (counted), so answers stay
+    # fresh - a stale forecast is no use to a closed loop. Shorter hiccups are
+    # absorbed without losing a frame.
+    max_lag_ms: float = 50.0
+    max_backlog: int = 60  # hard cap on waiting frames (memory), oldest dropped first
     record: Path | None = None
     triggers: tuple[dict[str, Any], ...] = ()
     keys: CurveKeys | None = None
     status_every_s: float = 1.0
+    # torch intra-op threads for the compute thread; None: all cores but one. The
+    # spare core is for ingest/publish and for the scope and rig software beside
+    # us: when they preempt one of torch's threads every op waits for it (on 2
+    # cores, 2 threads gave a p99 4 ms worse than 1).
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.ingest_mode not in ("sub", "pull"):
             raise ConfigError(f"ingest_mode must be 'sub' or 'pull', got {self.ingest_mode!r}")
         if self.max_backlog < 1:
             raise ConfigError("max_backlog must be >= 1")
+        if not self.max_lag_ms > 0:
+            raise ConfigError(f"max_lag_ms must be > 0, got {self.max_lag_ms}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"torch_threads must be >= 1, got {self.torch_threads}")
         check_bind_policy(self, self.keys)
+
+
+def default_torch_threads() -> int:
+    """All the cores this process may use but one (at least one)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def load_footprints(path: str | Path, shape: tuple[int, int] | None = None) -> Footprints:
@@ -95,7 +122,7 @@ class Counters:
     received: int = 0
     answered: int = 0
     rejected: int = 0
-    skipped: int = 0  # dropped from a full inbox (compute too slow)
+    skipped: int = 0  # dropped unanswered because compute was behind (too old, or inbox full)
     lost: int = 0  # gaps in the scope's sequence numbers
     publish_dropped: int = 0
     triggers: int = 0
@@ -129,6 +156,7 @@ class Server:
         self.recorder: Recorder | None = None
         self._record_path = config.record
         self._inbox: deque[Message] = deque()
+        self._skipped_since_answer = 0  # frames dropped unanswered since the last answer
         self._inbox_cv = threading.Condition()
         self._outbox: deque[list] = deque(maxlen=256)
         self._outbox_cv = threading.Condition()
@@ -143,6 +171,7 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> Server:
+        torch.set_num_threads(self.config.torch_threads or default_torch_threads())
         self._warm_up()
         for name, target in (
             ("ingest", self._ingest_loop),
@@ -215,9 +244,13 @@ class Server:
     def _socket(self, kind: int, endpoint: str, bind: bool) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 200)
-        if self.config.keys is not None:
-            secure_server_socket(sock, self.config.keys, self.ctx)
-        (sock.bind if bind else sock.connect)(endpoint)
+        try:
+            if self.config.keys is not None:
+                secure_server_socket(sock, self.config.keys, self.ctx)
+            (sock.bind if bind else sock.connect)(endpoint)
+        except zmq.ZMQError:
+            sock.close()  # e.g. the port is taken: stop() must still be able to end the context
+            raise
         return sock
 
     def _ingest_loop(self) -> None:
@@ -228,10 +261,10 @@ class Server:
         else:
             sock = self._socket(zmq.PULL, self.config.ingest, bind=True)
         sock.setsockopt(zmq.RCVHWM, 1000)
-        self._ready.wait()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        try:
+        try:  # the socket is closed however we leave, or the context never terminates
+            self._ready.wait()
             while not self._stop.is_set():
                 if not poller.poll(50):
                     continue
@@ -252,6 +285,7 @@ class Server:
                 with self._inbox_cv:
                     if len(self._inbox) >= self.config.max_backlog:
                         self._inbox.popleft()
+                        self._skipped_since_answer += 1
                         self.counters.skipped += 1
                     self._inbox.append(msg)
                     self._inbox_cv.notify()
@@ -272,22 +306,39 @@ class Server:
             with self._inbox_cv:
                 if not self._inbox and not self._commands:
                     self._inbox_cv.wait(timeout=0.05)
-                msg = self._inbox.popleft() if self._inbox else None
+                item = self._next_frame()
             while self._commands:
                 request, future = self._commands.popleft()
                 try:
                     future.set_result(self._run_command(request))
                 except CalmError as exc:
                     future.set_result({"ok": False, "error": str(exc)})
-            if msg is not None:
+            if item is not None:
                 try:
-                    self._process(msg)
+                    self._process(*item)
                 except (DataError, ProtocolError) as exc:
                     self._reject(str(exc))
             if time.monotonic() >= next_status:
                 self._queue_output(encode("status", {"seq": self._status_seq, **self.status()}))
                 self._status_seq += 1
                 next_status = time.monotonic() + self.config.status_every_s
+
+    def _next_frame(self) -> tuple[Message, int] | None:
+        """The next frame to answer, and how many older ones were dropped unanswered.
+
+        Call holding the inbox lock. Every frame dropped before this one was
+        popped is older than it, so the count belongs to exactly this frame.
+        """
+        if not self._inbox:
+            return None
+        if self._inbox[0].header["t_arrival"] < time.time() - self.config.max_lag_ms / 1e3:
+            # Behind: jump to the newest frame rather than answer a queue of stale ones.
+            while len(self._inbox) > 1:
+                self._inbox.popleft()
+                self._skipped_since_answer += 1
+                self.counters.skipped += 1
+        dropped, self._skipped_since_answer = self._skipped_since_answer, 0
+        return self._inbox.popleft(), dropped
 
     def _configure(self, n: int, with_neuropil: bool) -> StreamingEngine:
         engine = StreamingEngine(
@@ -306,7 +357,8 @@ class Server:
             )  # fmt: skip
         return engine
 
-    def _process(self, msg: Message) -> None:
+    def _process(self, msg: Message, dropped_before: int = 0) -> None:
+        """Answer one frame; ``dropped_before``: older frames we dropped unanswered."""
         neuropil = None
         flags: dict[str, Any] = {}
         if msg.topic == "frame":
@@ -329,11 +381,14 @@ class Server:
         if self.engine is None:
             self.engine = self._configure(traces.shape[0], neuropil is not None)
         expected = self.engine.expected_seq
+        # Frames we dropped for being behind are skipped, not filled: filling costs a
+        # model step each, and would keep an overloaded server behind for good.
         pred = self.engine.step(
-            traces, seq=msg.seq, neuropil=neuropil, behavior=msg.arrays.get("behavior")
-        )
+            traces, seq=msg.seq, neuropil=neuropil, behavior=msg.arrays.get("behavior"),
+            fill=dropped_before == 0,
+        )  # fmt: skip
         if expected is not None:
-            self.counters.lost += pred.filled + pred.skipped
+            self.counters.lost += max(0, pred.filled + pred.skipped - dropped_before)
         self.counters.answered += 1
         self._publish_prediction(msg, pred, flags)
         if self.recorder is not None:
@@ -432,8 +487,8 @@ class Server:
         # XPUB: a PUB that also hears (un)subscriptions, so status can say who listens.
         sock = self._socket(zmq.XPUB, self.config.publish, bind=True)
         sock.setsockopt(zmq.SNDHWM, 1000)
-        self._ready.wait()
         try:
+            self._ready.wait()
             while not self._stop.is_set():
                 while sock.poll(0):
                     note = sock.recv()
@@ -465,10 +520,10 @@ class Server:
 
     def _control_loop(self) -> None:
         sock = self._socket(zmq.REP, self.config.control, bind=True)
-        self._ready.wait()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:
+            self._ready.wait()
             while not self._stop.is_set():
                 if not poller.poll(50):
                     continue

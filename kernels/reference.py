@@ -1,8 +1,8 @@
 """Pure-torch references of every kernel: the ground truth of the kernel tests
 and the CPU path of the dispatcher. Shapes are in the docstrings.
 
-The references are written op for op like the model code they replace, so
-that the CPU path gives bit-identical results to the model's own math.
+They are the CPU hot path too, so they are written for speed on small
+shapes; the model's offline math agrees with them to float32 rounding.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ def codebook_lookup_ref(
     # ||x||^2 is the same for every entry of a row, so it cannot change the
     # argmin; leaving it out saves a reduction and some rounding.
     dist = (codebook * codebook).sum(-1)[None, :] - 2.0 * (x @ codebook.T)  # [M, K]
-    best = dist.topk(2, dim=-1, largest=False, sorted=True)
-    ids = dist.argmin(dim=-1)  # first minimum: the lowest index among ties
-    return ids, codebook[ids], best.values[:, 1] - best.values[:, 0]
+    first, ids = dist.min(dim=-1)  # the first minimum: the lowest index among ties
+    # The runner-up: mask the winner only, so a tie leaves a margin of 0.
+    # (Two min passes are about twice as fast on CPU as topk(2) plus argmin.)
+    second = dist.scatter(1, ids[:, None], float("inf")).amin(dim=-1)
+    return ids, codebook[ids], second - first
 
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -80,13 +82,18 @@ def temporal_attention_step_ref(
         The attention output ``[N, H, d]`` (before the output projection).
     """
     head_dim = q.shape[-1]
-    q, k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    q, k = rotary_ref(torch.stack((q, k)), cos, sin).unbind(0)  # one pass for both
     k_cache[:, :, slot] = k
     v_cache[:, :, slot] = v
-    scores = (q[:, :, None] * k_cache).sum(-1) * head_dim**-0.5  # [N, H, C]
+    scores = torch.matmul(q[:, :, None], k_cache.transpose(-1, -2))[:, :, 0]  # [N, H, C]
+    scores = scores * head_dim**-0.5
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    return (scores.softmax(-1)[..., None] * v_cache).sum(2)  # [N, H, d]
+    # Softmax spelled out: on CPU, torch.softmax over a last axis this short
+    # (C ~ 12) is about five times slower than these three passes.
+    probs = (scores - scores.amax(-1, keepdim=True)).exp_()
+    probs = probs / probs.sum(-1, keepdim=True)
+    return (probs[..., None] * v_cache).sum(2)  # [N, H, d]
 
 
 def neural_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,40 @@ def test_end_to_end_300_frames_at_30hz_none_dropped(model, session):
     assert heard["p99_ms"] < 1000  # sanity only; latency is measured by `python -m bench`
 
 
+def test_an_overloaded_server_answers_the_newest_frames_and_counts_the_rest(model, session):
+    """Frames far faster than compute: stale ones are dropped and counted, none is filled."""
+    scope_ep, pub_ep, ctl_ep = free(), free(), free()
+    server = Server(
+        ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep, fps=30.0, max_lag_ms=5.0),
+        model=model,
+    ).start()
+    headers: list[dict] = []
+    try:
+        with RigClient(
+            pub_ep, ("forecast",), {"forecast": lambda m: headers.append(m.header)}
+        ) as rig:
+            _wait(lambda: server.subscriptions >= 1)
+            scope = MockScope(scope_ep, "pub")
+            try:
+                assert scope.wait_for_subscriber(10)
+                scope.stream(_traces_source(session), 3000.0, 300)  # 100x the nominal rate
+                rig.run(seconds=10, until=lambda: bool(headers) and headers[-1]["seq"] == 299)
+            finally:
+                scope.close()
+        status = control_request(ctl_ep, {"cmd": "status"})
+    finally:
+        server.stop()
+    assert status["received"] == 300 and status["rejected"] == 0
+    assert status["skipped"] > 0 and status["answered"] + status["skipped"] == 300
+    assert status["lost"] == 0  # the scope lost nothing; the drops are ours and counted as such
+    assert headers[-1]["seq"] == 299  # the newest frame is always answered
+    seqs = [h["seq"] for h in headers]
+    assert seqs == sorted(seqs)
+    # Our own drops are skipped in the model (cheap), never filled frame by frame.
+    assert sum(h["filled"] for h in headers) == 0
+    assert sum(h["skipped"] for h in headers[1:]) == status["skipped"]
+
+
 def test_raw_frames_are_extracted_and_answered(model, tmp_path):
     source = simulated_movie(neurons=12, size=64, frames=60, fps=30.0)
     scope_ep, pub_ep, ctl_ep = free(), free(), free()
