@@ -35,6 +35,7 @@ __all__ = [
     "adapt",
     "finetune_behavior",
     "pretrain",
+    "pretrain_dat",
     "tokenize_sessions",
 ]
 
@@ -473,6 +474,23 @@ def _train_dat(
             checkpoint(opt)
     bar.close()
     dat.eval()
+
+
+def pretrain_dat(
+    model: CalM,
+    sessions: Sequence[PreparedSession],
+    train_config: TrainConfig | None = None,
+    progress: bool = True,
+) -> CalM:
+    """Stage 2 of :func:`pretrain` alone: train ``model``'s DAT, its tokenizer frozen.
+
+    For ablations that must share one tokenizer (same tokens, other DAT).
+    Trains in place and returns the model in eval mode.
+    """
+    cfg = train_config or TrainConfig()
+    state: dict[str, Any] = {"stage": "dat", "step": 0, "history": []}
+    _train_dat(model, sessions, cfg, state, None, None, progress)
+    return model.eval()
 
 
 def adapt(
