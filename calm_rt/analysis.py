@@ -3,7 +3,8 @@
 Two kinds of representation come out of :meth:`CalM.run_offline` (hidden
 states ``[N, T, W]``):
 
-* **neuron representations** ``[N, W]``: each neuron's hidden state averaged
+* **neuron representations** ``[N, W]``: how each neuron's hidden state
+  co-varies with the population's (:func:`population_coupling`), computed
   over the frames of training blocks (probes are fitted on these) and,
   separately, over the frames of test blocks (held-out neurons are scored on
   these, so a probe never sees the frames it is scored on);
@@ -52,6 +53,7 @@ __all__ = [
     "group_folds",
     "hand_features",
     "mantel_test",
+    "population_coupling",
     "read_region_centroids",
     "read_truth_types",
     "ridge_time_probe",
@@ -410,8 +412,8 @@ def _summarise_session(
     if not test.any():  # too short for a test block: neurons are scored on training frames
         test = train
     hidden = model.run_offline(torch.from_numpy(ps.z)).hidden  # [N, T, W]
-    neurons.rep_train.append(hidden[:, train].mean(1).double().numpy())
-    neurons.rep_test.append(hidden[:, test].mean(1).double().numpy())
+    neurons.rep_train.append(population_coupling(hidden, train))
+    neurons.rep_test.append(population_coupling(hidden, test))
     # z is dF/F z-scored with training-block statistics; its scale is the dF/F s.d.
     dff_sd = _dff_sd(ps)
     for frames, out in ((train, neurons.hand_train), (test, neurons.hand_test)):
@@ -441,6 +443,22 @@ def _summarise_session(
     z = np.nan_to_num(ps.z[:, train].astype(np.float64))
     info["_raw_corr"] = np.corrcoef(z) if s.n_neurons > 1 else np.ones((1, 1))
     return info
+
+
+def population_coupling(hidden: torch.Tensor, frames: np.ndarray) -> np.ndarray:
+    """Each neuron's representation ``[N, W]``: how its hidden state moves with the population's.
+
+    Unit ``w`` of neuron ``i`` is the correlation over ``frames`` between
+    ``hidden[i, :, w]`` and the population mean ``hidden[:, :, w].mean(0)``.
+    Time-averaged hidden states were tried first: they mostly encode the
+    session (decoding functional type below chance on held-out animals);
+    the coupling carries the neuron's role in the population dynamics.
+    """
+    h = hidden[:, torch.from_numpy(frames)].double()  # [N, T', W]
+    pop = h.mean(0, keepdim=True)
+    hc, pc = h - h.mean(1, keepdim=True), pop - pop.mean(1, keepdim=True)
+    denom = hc.std(1, unbiased=False) * pc.std(1, unbiased=False) + 1e-9
+    return ((hc * pc).mean(1) / denom).numpy()
 
 
 def _dff_sd(ps: PreparedSession) -> np.ndarray:
