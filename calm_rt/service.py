@@ -72,7 +72,7 @@ class ServiceConfig:
     # every waiting frame but the newest is dropped (counted), so answers stay
     # fresh - a stale forecast is no use to a closed loop. Shorter hiccups are
     # absorbed without losing a frame.
-    max_lag_ms: float = 50.0
+    max_lag_ms: float = 200.0
     max_backlog: int = 60  # hard cap on waiting frames (memory), oldest dropped first
     record: Path | None = None
     triggers: tuple[dict[str, Any], ...] = ()
