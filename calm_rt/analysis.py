@@ -592,7 +592,7 @@ def run_analysis(
         **(meta or {}),
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
         "features": {
-            "neuron_model": "DAT hidden state averaged over training-block frames (fit) / test-block frames (score)",
+            "neuron_model": "correlation of each DAT hidden unit with the population mean, over training-block frames (fit) / test-block frames (score)",
             "neuron_baseline": neurons.hand_names,
             "population_model": "mean hidden state over neurons + each neuron's hidden state on 8 principal axes",
             "population_baseline": "each neuron's z at t and its mean over the last context frames, and their population means",
