@@ -47,7 +47,7 @@ format: install
 	$(VENV)/bin/ruff check --fix calm_rt kernels napari_plugin bench tests
 	$(VENV)/bin/ruff format calm_rt kernels napari_plugin bench tests
 
-# Rebuild the shipped default checkpoint (about 25 min on 2 CPU cores; see README).
+# Rebuild the shipped default checkpoint (9 min on the 2-core dev machine; see README).
 checkpoint: install
 	$(VENV)/bin/calm-rt simulate --out runs/corpus --animals 6 --sessions 3 \
 		--neurons 128 --frames 10000 --seed 1

@@ -28,7 +28,7 @@ from calm_rt.data import (
 from calm_rt.errors import ConfigError
 from calm_rt.protocol import encode
 
-__all__ = ["FrameSource", "MockScope", "simulated_movie"]
+__all__ = ["FrameSource", "MockScope", "render_simulated_movie", "simulated_movie"]
 
 
 @dataclass
@@ -59,23 +59,29 @@ class FrameSource:
         return cls("frame", len(movie), movie.fps, lambda i: {"image": movie[i]})
 
 
+def render_simulated_movie(
+    neurons: int = 256, size: int = 512, frames: int = 600, fps: float = 30.0, seed: int = 0
+) -> tuple[np.ndarray, Any, Any]:
+    """Simulate one session of ``neurons`` cells and render it as a movie, in memory.
+
+    Returns the movie ``[frames, size, size]`` uint16, the simulated
+    :class:`~calm_rt.data.Session` (traces, behaviour) and the movie's ground
+    truth (footprints, shifts).
+    """
+    cfg = SimConfig(
+        animals=1, sessions=1, neurons=neurons, frames=frames, fps=fps, movie=True,
+        movie_size=size, seed=seed,
+    )  # fmt: skip
+    session, truth = simulate_session(cfg, make_animal(cfg, 0), 0)
+    chunks, movie_truth = render_movie(session, truth, cfg)
+    return np.concatenate(list(chunks())), session, movie_truth
+
+
 def simulated_movie(
     neurons: int = 256, size: int = 512, frames: int = 600, fps: float = 30.0, seed: int = 0
 ) -> FrameSource:
-    """Render a simulated two-photon movie in memory (with its ROI footprints)."""
-    cfg = SimConfig(
-        animals=1,
-        sessions=1,
-        neurons=neurons,
-        frames=frames,
-        fps=fps,
-        movie=True,
-        movie_size=size,
-        seed=seed,
-    )
-    session, truth = simulate_session(cfg, make_animal(cfg, 0), 0)
-    frames_iter, mtruth = render_movie(session, truth, cfg)
-    movie = np.concatenate(list(frames_iter()))
+    """A simulated two-photon movie as a frame source (with its ROI footprints)."""
+    movie, _, mtruth = render_simulated_movie(neurons, size, frames, fps, seed)
     return FrameSource(
         "frame", movie.shape[0], fps, lambda i: {"image": movie[i]}, mtruth.footprint_images()
     )

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from calm_rt.client import control_request
-from calm_rt.data import SimConfig, make_animal, render_movie, simulate_session
 from calm_rt.errors import CalmError
-from calm_rt.mockscope import FrameSource, MockScope
+from calm_rt.mockscope import FrameSource, MockScope, render_simulated_movie
 from napari_plugin._feed import Endpoints
 
 __all__ = ["DemoMovie", "EmbeddedDemo", "ScopeLoop", "demo_movie", "free_endpoint"]
@@ -72,19 +71,7 @@ def demo_movie(
     neurons: int = 64, size: int = 256, frames: int = 300, fps: float = 30.0, seed: int = 0
 ) -> DemoMovie:
     """Render a simulated two-photon movie ``[frames, size, size]`` of ``neurons`` cells."""
-    cfg = SimConfig(
-        animals=1,
-        sessions=1,
-        neurons=neurons,
-        frames=frames,
-        fps=fps,
-        movie=True,
-        movie_size=size,
-        seed=seed,
-    )
-    session, truth = simulate_session(cfg, make_animal(cfg, 0), 0)
-    chunks, mtruth = render_movie(session, truth, cfg)
-    movie = np.concatenate(list(chunks()))
+    movie, session, mtruth = render_simulated_movie(neurons, size, frames, fps, seed)
     # Labels straight from the sparse footprints (a dense [N, H, W] stack is 256 MB at 512 px).
     h, w = mtruth.shape
     labels = np.zeros(h * w, np.int32)

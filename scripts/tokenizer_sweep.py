@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from calm_rt.data import load_corpus
 from calm_rt.evaluate import tokenizer_report
-from calm_rt.model import PRESETS, TokenizerConfig
+from calm_rt.model import PRESETS
 from calm_rt.splits import prepare_session
 from calm_rt.train import TrainConfig, pretrain
 
@@ -24,7 +24,9 @@ def main() -> None:
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--out", default="runs/tokenizer_sweep.json")
-    ap.add_argument("--grid", default="4:256:16,4:128:16,4:512:16,4:256:8,2:256:16,8:256:16,8:512:16")
+    ap.add_argument(
+        "--grid", default="4:256:16,4:128:16,4:512:16,4:256:8,2:256:16,8:256:16,8:512:16"
+    )
     args = ap.parse_args()
     train = [prepare_session(s) for s in load_corpus(args.train)]
     held = [prepare_session(s) for s in load_corpus(args.heldout)]
@@ -35,11 +37,21 @@ def main() -> None:
         cfg = replace(base, tokenizer=replace(base.tokenizer, patch=p, codebook_size=k, code_dim=d))
         t0 = time.perf_counter()
         model = pretrain(
-            train, f"runs/tok_sweep/{p}_{k}_{d}", cfg,
-            TrainConfig(tokenizer_steps=args.steps, dat_steps=0), resume=False, progress=False,
+            train,
+            f"runs/tok_sweep/{p}_{k}_{d}",
+            cfg,
+            TrainConfig(tokenizer_steps=args.steps, dat_steps=0),
+            resume=False,
+            progress=False,
         )
         report = tokenizer_report(model, held)
-        row = {"patch": p, "codebook_size": k, "code_dim": d, "train_s": time.perf_counter() - t0, **report}
+        row = {
+            "patch": p,
+            "codebook_size": k,
+            "code_dim": d,
+            "train_s": time.perf_counter() - t0,
+            **report,
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     with open(args.out, "w") as f:
