@@ -412,8 +412,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--keys", type=Path, default=None, help="CURVE key folder (from `calm-rt keys`)")
     p.add_argument(
-        "--max-lag-ms", type=float, default=200.0,
-        help="when a frame has waited this long, jump to the newest (default 200)",
+        "--max-lag-ms", type=float, default=500.0,
+        help="when a frame has waited this long, jump to the newest (default 500)",
     )  # fmt: skip
     _threads_arg(p)
     p.add_argument(

@@ -25,6 +25,11 @@ from calm_rt.recording import read_recording
 from calm_rt.security import CurveKeys, generate_keys
 from calm_rt.service import Server, ServiceConfig
 
+# Tests that check every frame is answered, in order, switch off the drop-when-behind
+# policy: a loaded CI machine can stall longer than the default lag (a run beside a
+# training job dropped 17 of 300 frames). The policy has its own test below.
+NO_DROPS = 60_000.0
+
 
 def free() -> str:
     with socket.socket() as s:
@@ -84,7 +89,10 @@ def _run_loop(
 def test_end_to_end_300_frames_at_30hz_none_dropped(model, session):
     scope_ep, pub_ep, ctl_ep = free(), free(), free()
     server = Server(
-        ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep, fps=30.0), model=model
+        ServiceConfig(
+            ingest=scope_ep, publish=pub_ep, control=ctl_ep, fps=30.0, max_lag_ms=NO_DROPS
+        ),
+        model=model,
     ).start()
     try:
         sent, heard = _run_loop(server, scope_ep, pub_ep, _traces_source(session), 300)
@@ -137,7 +145,9 @@ def test_raw_frames_are_extracted_and_answered(model, tmp_path):
     scope_ep, pub_ep, ctl_ep = free(), free(), free()
     rois = tmp_path / "rois.npz"
     np.savez(rois, footprints=source.footprints)
-    cfg = ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep, rois=rois)
+    cfg = ServiceConfig(
+        ingest=scope_ep, publish=pub_ep, control=ctl_ep, rois=rois, max_lag_ms=NO_DROPS
+    )
     server = Server(cfg, model=model).start()
     try:
         _, heard = _run_loop(server, scope_ep, pub_ep, source, 60)
@@ -149,7 +159,9 @@ def test_raw_frames_are_extracted_and_answered(model, tmp_path):
 
 def test_garbage_between_good_frames_is_counted_and_survived(model, session):
     ingest, pub_ep, ctl_ep = free(), free(), free()
-    cfg = ServiceConfig(ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep)
+    cfg = ServiceConfig(
+        ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS
+    )
     server = Server(cfg, model=model).start()
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -192,7 +204,9 @@ def test_garbage_between_good_frames_is_counted_and_survived(model, session):
 def test_control_commands(model, session, tmp_path):
     ingest, pub_ep, ctl_ep = free(), free(), free()
     server = Server(
-        ServiceConfig(ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep),
+        ServiceConfig(
+            ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS
+        ),
         model=model,
     ).start()
     ctx = zmq.Context()
@@ -370,7 +384,10 @@ def test_raw_frames_without_rois_are_segmented_first(model, tmp_path):
 
     source = simulated_movie(neurons=15, size=96, frames=160, fps=30.0)
     scope_ep, pub_ep, ctl_ep = free(), free(), free()
-    server = Server(ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep), model=model)
+    server = Server(
+        ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS),
+        model=model,
+    )
     original = service_module.AutoSegmenter
 
     def quick_segmenter(shape):  # 60 frames instead of 10 s, to keep the test short
