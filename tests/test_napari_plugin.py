@@ -126,6 +126,8 @@ def _check_live(view: LiveView, viewer, qtbot) -> None:
     assert fx[0] == 0 and fx[-1] > 0  # drawn ahead of "now"
     assert np.all(upper[1:] >= fy[1:]) and np.all(lower[1:] <= fy[1:])
     qtbot.waitUntil(lambda: len(view.layer(TRIGGERS).data) > 0, timeout=3000)
+    # The server's counters arrive on the `status` topic once a second.
+    qtbot.waitUntil(lambda: "fps" in view.status_label.text(), timeout=3000)
     status = view.status_label.text()
     assert "fps" in status and "p99" in status and "triggers fired" in status
 
