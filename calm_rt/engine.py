@@ -34,6 +34,7 @@ Real-world policies (see docs/engine.md):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from calm_rt.model import CalM
 from calm_rt.readout import RidgeReadout
 
 __all__ = ["Calibration", "EngineConfig", "Prediction", "StreamingEngine"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class Calibration:
     names: tuple[str, ...]
     projection_frames: int
     frames: int = 0
-    r2: list[float] | None = None
+    r2: list[float | None] | None = None  # None per variable that never varied
     active: bool = False
 
 
@@ -314,6 +317,12 @@ class StreamingEngine:
         frames = int(round(seconds * self.config.fps))
         if frames < 20:
             raise ConfigError(f"calibrate for at least 20 frames, got {frames} ({seconds} s)")
+        if seconds < 30:
+            log.warning(
+                "calibrating the behaviour readout on %.0f s: under 30 s it rarely sees "
+                "behaviour's whole range and extrapolates badly (docs/engine.md)",
+                seconds,
+            )
         self.calibration = Calibration(
             target_frames=frames, names=tuple(names), projection_frames=min(150, frames // 4)
         )

@@ -4,8 +4,8 @@ This is the fast calibration path: from a few minutes of labelled behaviour
 it fits in well under a second, so the live service can calibrate at the
 start of a session. Features at frame t are each neuron's DAT hidden state
 projected onto the leading principal components of all hidden states
-(``[N, W] -> [N, r]``), concatenated over neurons; the penalty is chosen on
-held-out frames and the readout refitted on all of them.
+(``[N, W] -> [N, r]``), concatenated over neurons; the penalty is chosen by
+blocked cross-validation in time and the readout refitted on all frames.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class RidgeReadout:
     """
 
     components: int = 8
+    folds: int = 5
 
     def fit_projection(self, hidden: Tensor) -> None:
         """Principal axes of hidden states ``[T, N, W]`` (pooled over frames and neurons)."""
@@ -61,39 +62,50 @@ class RidgeReadout:
         train: np.ndarray | None = None,
         val: np.ndarray | None = None,
     ) -> dict[str, object]:
-        """Fit on frames ``train`` (bool ``[T]``), choosing the penalty on ``val``.
+        """Fit the readout and report its R2 on frames it was not fitted on.
 
-        ``features [T, F]`` from :meth:`features`, ``y [T, B]``. Without
-        masks the last 20% of the frames are held out to choose the penalty
-        and report R2 (a block in time, never random frames), then the
-        readout is refitted on all of them. Returns ``{"r2": [B], "lambda":
-        float, "frames": int}`` on the held-out frames.
+        ``features [T, F]`` from :meth:`features`, ``y [T, B]``. With masks
+        (bool ``[T]``) it is fitted on ``train`` with the penalty chosen on
+        ``val``. Without them (the live calibration) the penalty is chosen by
+        blocked cross-validation over ``folds`` contiguous blocks in time,
+        never random frames, the reported R2 is that of the pooled
+        out-of-fold predictions, and the readout is refitted on all frames.
+        A single held-out block is not enough here: a calibration of a few
+        seconds has a last block in which behaviour hardly varies, and R2
+        on it says nothing. Returns ``{"r2": [B], "lambda": float,
+        "frames": int}``; a variable constant over the scored frames has R2
+        None.
         """
         t = features.shape[0]
         if y.shape[0] != t:
             raise DataError(f"behaviour has {y.shape[0]} frames but representations have {t}")
-        refit = train is None or val is None
-        if refit:
-            if t < 10:
-                raise DataError(f"need at least 10 labelled frames to calibrate, got {t}")
-            train = np.arange(t) < int(round(0.8 * t))
-            val = ~train
         ok = np.isfinite(y).all(axis=1)
-        train, val = train & ok, val & ok
-        raw = features.double()
-        self.mean, self.std = raw[train].mean(0), raw[train].std(0) + 1e-6
-        x = (raw - self.mean) / self.std
-        yt = torch.from_numpy(np.nan_to_num(y)).double()
-        best = None
-        for lam in _LAMBDAS:
-            w = _solve(x[train], yt[train], lam)
-            r2 = r2_score((x[val] @ w[:-1] + w[-1]).numpy(), y[val])
-            if best is None or r2.mean() > best[0].mean():
-                best = (r2, lam, w)
-        assert best is not None
-        r2, lam, w = best
-        self.weights = _solve(x[train | val], yt[train | val], lam) if refit else w
-        return {"r2": r2.tolist(), "lambda": lam, "frames": int(train.sum() + val.sum())}
+        x, yt = features.double(), torch.from_numpy(np.where(ok[:, None], y, 0.0)).double()
+        if train is not None and val is not None:
+            fit_on, scored_on = train & ok, val & ok
+            held_out = dict(zip(_LAMBDAS, _ridge_path(x, yt, fit_on, scored_on)))
+        else:
+            n = int(ok.sum())
+            if n < 10:
+                raise DataError(f"need at least 10 labelled frames to calibrate, got {n}")
+            fit_on = scored_on = ok
+            xo, yo = x[ok], yt[ok]
+            fold_of = np.arange(n) * self.folds // n  # contiguous blocks in time
+            held_out = {lam: torch.empty_like(yo) for lam in _LAMBDAS}
+            for k in range(self.folds):
+                held = fold_of == k
+                for lam, p in zip(_LAMBDAS, _ridge_path(xo, yo, ~held, held)):
+                    held_out[lam][torch.from_numpy(held)] = p
+        truth = y[scored_on]
+        # A variable that never varied in the scored frames (no running in a
+        # short calibration, say) has no R2: report None, not a perfect 1.
+        varied = truth.std(0) > 1e-6 * (np.abs(truth).max(0) + 1e-12)
+        r2 = {lam: r2_score(p.numpy(), truth) for lam, p in held_out.items()}
+        lam = max(_LAMBDAS, key=lambda lam: float(np.mean(r2[lam][varied])) if varied.any() else 0)
+        self.mean, self.std = x[fit_on].mean(0), x[fit_on].std(0) + 1e-6
+        (self.weights,) = _ridge_weights((x[fit_on] - self.mean) / self.std, yt[fit_on], (lam,))
+        scores = [float(v) if ok_ else None for v, ok_ in zip(r2[lam], varied)]
+        return {"r2": scores, "lambda": lam, "frames": int(scored_on.sum())}
 
     def predict(self, hidden: Tensor) -> Tensor:
         """``[..., N, W]`` hidden states to ``[..., B]`` behaviour."""
@@ -101,13 +113,28 @@ class RidgeReadout:
         return (x @ self.weights[:-1] + self.weights[-1]).float()
 
 
-def _solve(x: Tensor, y: Tensor, lam: float) -> Tensor:
-    """Ridge with intercept; the dual form when features outnumber frames."""
-    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    n, f = xa.shape
-    if f <= n:
-        reg = torch.eye(f, dtype=x.dtype) * lam
-        reg[-1, -1] = 0
-        return torch.linalg.solve(xa.T @ xa + reg, xa.T @ y)
-    alpha = torch.linalg.solve(xa @ xa.T + lam * torch.eye(n, dtype=x.dtype), y)
-    return xa.T @ alpha
+def _ridge_path(x: Tensor, y: Tensor, train: np.ndarray, held: np.ndarray) -> list[Tensor]:
+    """Predictions on ``held`` of ridge fits on ``train``, one per penalty in ``_LAMBDAS``.
+
+    Features are standardised with the training frames' statistics only.
+    """
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    weights = _ridge_weights((x[train] - mean) / std, y[train], _LAMBDAS)
+    xh = (x[held] - mean) / std
+    return [xh @ w[:-1] + w[-1] for w in weights]
+
+
+def _ridge_weights(x: Tensor, y: Tensor, lambdas: tuple[float, ...]) -> list[Tensor]:
+    """Ridge weights ``[F + 1, B]`` (intercept last, not penalised) for each penalty.
+
+    One thin SVD of the centred features serves every penalty, so the whole
+    path costs about one solve whether features outnumber frames or not.
+    """
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    u, s, vh = torch.linalg.svd(x - x_mean, full_matrices=False)
+    uty = u.T @ (y - y_mean)
+    out = []
+    for lam in lambdas:
+        w = vh.T @ ((s / (s * s + lam))[:, None] * uty)
+        out.append(torch.cat([w, (y_mean - x_mean @ w)[None]]))
+    return out

@@ -661,6 +661,11 @@ class Server:
             "recording": str(self.recorder.path) if self.recorder is not None else None,
             "calibration": None
             if cal is None
-            else {"frames": cal.frames, "target": cal.target_frames, "r2": cal.r2},
+            else {
+                "frames": cal.frames,
+                "target": cal.target_frames,
+                "names": list(cal.names),
+                "r2": cal.r2,
+            },
             "last_rejections": list(c.reasons)[-5:],
         }

@@ -591,11 +591,7 @@ def status_text(snap: Snapshot, source: str, shown: int) -> str:
         parts.append(f"triggers fired {st.get('triggers_fired', 0)}")
         cal = st.get("calibration")
         if cal:
-            parts.append(
-                f"behaviour readout R² {np.mean(cal['r2']):.2f}"
-                if cal.get("r2")
-                else f"calibrating behaviour {cal['frames']}/{cal['target']} frames"
-            )
+            parts.append(_calibration_text(cal))
     elif snap.triggers_seen:
         parts.append(f"triggers {snap.triggers_seen}")
     if snap.frames_received:
@@ -605,3 +601,14 @@ def status_text(snap: Snapshot, source: str, shown: int) -> str:
     if snap.error:
         parts.append(f"error: {snap.error}")
     return "\n".join(parts)
+
+
+def _calibration_text(cal: dict[str, Any]) -> str:
+    """The behaviour readout's cross-validated R² per variable, or the calibration's progress."""
+    if not cal.get("r2"):
+        return f"calibrating behaviour {cal['frames']}/{cal['target']} frames"
+    scores = [
+        f"{name} {'n/a' if r2 is None else f'{r2:.2f}'}"
+        for name, r2 in zip(cal.get("names") or range(len(cal["r2"])), cal["r2"])
+    ]
+    return "behaviour readout R² (cross-validated): " + ", ".join(scores)

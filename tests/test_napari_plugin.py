@@ -171,6 +171,11 @@ def test_embedded_demo_runs_in_the_widget_and_stops_on_close(make_napari_viewer,
     assert view.selected_neuron == 0
     # Decoded behaviour arrives once the readout is calibrated on the scope's behaviour.
     qtbot.waitUntil(lambda: len(view.plots.behavior_curves) == 3, timeout=10_000)
+    # ...and the status line reports the readout's cross-validated R² per variable.
+    qtbot.waitUntil(
+        lambda: "behaviour readout R² (cross-validated): running_speed" in view.status_label.text(),
+        timeout=10_000,
+    )
     assert view.feed.snapshot().frames_received > 0 and view.layer(FRAME) is not None
     processes, threads = demo.processes, view.feed.threads
     assert len(processes) == 2 and demo.running  # the scope and the server
