@@ -170,7 +170,9 @@ class EmbeddedDemo:
         model: a ready model instead of a checkpoint (saved to a temporary
             checkpoint for the server; tests use a tiny one).
         calibrate_s: seconds of measured behaviour to calibrate the readout
-            on (0: do not calibrate).
+            on (0: do not calibrate). The movie loops, so after a calibration
+            longer than the loop the readout has seen every frame it will
+            decode and its R² is optimistic; on a rig, see docs/engine.md.
         triggers: trigger rules for the server (``docs/protocol.md``); by
             default one rule, ``A``, on the first four neurons.
         start_timeout_s: how long the server may take to load and warm up.
@@ -188,7 +190,7 @@ class EmbeddedDemo:
         fps: float = 30.0,
         checkpoint: Path | None = None,
         model: object | None = None,
-        calibrate_s: float = 8.0,
+        calibrate_s: float = 30.0,
         triggers: tuple[dict, ...] | None = None,
         seed: int = 0,
         start_timeout_s: float = 300.0,

@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("docs/images/live_view.png"))
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped one")
-    parser.add_argument("--seconds", type=float, default=14.0, help="streaming before the grab")
+    parser.add_argument(
+        "--calibrate", type=float, default=30.0, help="seconds of behaviour for the readout"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=12.0, help="streaming after the calibration, then the grab"
+    )
     parser.add_argument("--neurons", type=int, default=48)
     parser.add_argument("--size", type=int, default=192, help="frame size in pixels")
     parser.add_argument("--width", type=int, default=1500)
@@ -72,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     from napari.settings import get_settings
 
     get_settings().application.gui_notification_level = "none"
+    # napari toasts its PyQt5 deprecation notice over the canvas whatever the level above;
+    # it reads a module flag (private, hence the guard) before showing it once.
+    import napari._qt.qt_main_window as qt_main_window
+
+    if hasattr(qt_main_window, "SHOW_QT_WARNING"):
+        qt_main_window.SHOW_QT_WARNING = False
 
     from napari_plugin._app import open_live_demo, pump
     from napari_plugin._embedded import EmbeddedDemo
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer = napari.Viewer(title="calm-rt live view", show=True)
     viewer.window.resize(args.width, args.height)
     demo = EmbeddedDemo(
-        neurons=args.neurons, size=args.size, checkpoint=args.checkpoint, calibrate_s=4.0
+        neurons=args.neurons, size=args.size, checkpoint=args.checkpoint, calibrate_s=args.calibrate
     )
     view = open_live_demo(viewer, demo)
     try:
@@ -89,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         if not started or view.feed is None:
             print(view.status_label.text(), file=sys.stderr)
             return 1
+        # Decoded behaviour appears once the server has calibrated its readout.
+        pump(args.calibrate * 2 + 60, until=lambda: bool(view.plots.behavior_curves))
         t0 = time.monotonic()
         pump(args.seconds / 2)
         view.select_neuron(_most_active(view))
