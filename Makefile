@@ -40,12 +40,12 @@ bench: install
 	$(PY) -m bench --out bench-out
 
 lint: install
-	$(VENV)/bin/ruff check calm_rt kernels napari_plugin bench tests
-	$(VENV)/bin/ruff format --check calm_rt kernels napari_plugin bench tests
+	$(VENV)/bin/ruff check calm_rt kernels napari_plugin bench scripts tests
+	$(VENV)/bin/ruff format --check calm_rt kernels napari_plugin bench scripts tests
 
 format: install
-	$(VENV)/bin/ruff check --fix calm_rt kernels napari_plugin bench tests
-	$(VENV)/bin/ruff format calm_rt kernels napari_plugin bench tests
+	$(VENV)/bin/ruff check --fix calm_rt kernels napari_plugin bench scripts tests
+	$(VENV)/bin/ruff format calm_rt kernels napari_plugin bench scripts tests
 
 # Rebuild the shipped default checkpoint (9 min on the 2-core dev machine; see README).
 checkpoint: install
