@@ -401,7 +401,7 @@ class Server:
         if expected is not None:
             self.counters.lost += max(0, pred.filled + pred.skipped - dropped_before)
         self.counters.answered += 1
-        self._publish_prediction(msg, pred, flags)
+        self._publish_prediction(msg, pred, flags, dropped_before)
         if self.recorder is not None:
             row = dict(
                 traces=np.asarray(traces, np.float32),
@@ -438,7 +438,9 @@ class Server:
         self.rois_source = f"automatic segmentation of the first {found.frames} frames"
         log.info("found %d cells", self.extractor.n_rois)
 
-    def _publish_prediction(self, msg: Message, pred: Prediction, flags: dict[str, Any]) -> None:
+    def _publish_prediction(
+        self, msg: Message, pred: Prediction, flags: dict[str, Any], dropped_before: int = 0
+    ) -> None:
         head = {
             "seq": msg.seq,
             "t_acq": msg.header.get("t_acq"),
@@ -448,7 +450,9 @@ class Server:
             "neurons": int(pred.forecast.shape[0]),
             "horizon": int(pred.forecast.shape[1]),
             "filled": pred.filled,
-            "skipped": pred.skipped,
+            # The model's gap includes our own drops, except before the session's first
+            # answer (no gap without a previous frame): those still count for the rig.
+            "skipped": max(pred.skipped, dropped_before),
             "reset": pred.reset,
             "missing": int(pred.missing.sum()),
             "compute_ms": round(pred.timings_ms["total"], 3),
