@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from napari_plugin._feed import Snapshot
@@ -43,7 +44,7 @@ class LivePlots(QWidget):
         self.forecast = self.neuron_plot.plot(
             pen=pg.mkPen(_FORECAST, width=2.5), name="forecast ± s.d.", antialias=True
         )
-        self.now = pg.InfiniteLine(pos=0.0, angle=90, pen=pg.mkPen(_FG, width=1, style=2))
+        self.now = pg.InfiniteLine(pos=0.0, angle=90, pen=pg.mkPen(_FG, width=1, style=Qt.DashLine))
         self.neuron_plot.addItem(self.now, ignoreBounds=True)
 
         self.behavior_plot = self.graphics.addPlot(row=1, col=0)
@@ -121,7 +122,7 @@ class LivePlots(QWidget):
             if have_measured:
                 meas = self.measured_curves.get(name)
                 if meas is None:
-                    meas = self.behavior_plot.plot(pen=pg.mkPen(color, width=1, style=2))
+                    meas = self.behavior_plot.plot(pen=pg.mkPen(color, width=1, style=Qt.DashLine))
                     self.measured_curves[name] = meas
                 meas.setData(
                     (snap.measured_seqs - now) / fps,

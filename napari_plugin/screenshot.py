@@ -77,12 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     from napari.settings import get_settings
 
     get_settings().application.gui_notification_level = "none"
-    # napari toasts its PyQt5 deprecation notice over the canvas whatever the level above;
-    # it reads a module flag (private, hence the guard) before showing it once.
-    import napari._qt.qt_main_window as qt_main_window
-
-    if hasattr(qt_main_window, "SHOW_QT_WARNING"):
-        qt_main_window.SHOW_QT_WARNING = False
 
     from napari_plugin._app import open_live_demo, pump
     from napari_plugin._embedded import EmbeddedDemo
