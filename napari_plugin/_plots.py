@@ -15,6 +15,8 @@ __all__ = ["LivePlots"]
 _BG, _FG = "#262930", "#d0d4dc"  # napari's dark theme
 _ACTIVITY, _FORECAST = "#e6e6e6", "#ff9f1c"
 _BEHAVIOR = ("#4cc9f0", "#f72585", "#b5e48c", "#ffd166", "#9d4edd", "#06d6a0")
+# Legends on a translucent patch of the background, so traces under them stay readable.
+_LEGEND = dict(offset=(5, 5), labelTextColor=_FG, labelTextSize="8pt", brush=(38, 41, 48, 210))
 
 
 class LivePlots(QWidget):
@@ -33,7 +35,7 @@ class LivePlots(QWidget):
         self.neuron_plot = self.graphics.addPlot(row=0, col=0)
         self.neuron_plot.setLabel("left", "activity (z)")
         self.neuron_plot.showGrid(x=True, y=True, alpha=0.15)
-        self.neuron_plot.addLegend(offset=(5, 5), labelTextColor=_FG, labelTextSize="8pt")
+        self.neuron_plot.addLegend(**_LEGEND)
         self.history = self.neuron_plot.plot(
             pen=pg.mkPen(_ACTIVITY, width=1.5), name="activity", antialias=True, connect="finite"
         )
@@ -55,9 +57,7 @@ class LivePlots(QWidget):
         for plot in (self.neuron_plot, self.behavior_plot):
             for side in ("left", "bottom"):
                 plot.getAxis(side).enableAutoSIPrefix(False)
-        self.behavior_legend = self.behavior_plot.addLegend(
-            offset=(5, 5), labelTextColor=_FG, labelTextSize="8pt"
-        )
+        self.behavior_legend = self.behavior_plot.addLegend(**_LEGEND)
         self.behavior_curves: dict[str, pg.PlotDataItem] = {}
         self.measured_curves: dict[str, pg.PlotDataItem] = {}
         self._behavior_title("decoded behaviour: none yet (fine-tune a head, or calibrate)")
