@@ -101,7 +101,7 @@ class RidgeReadout:
         # short calibration, say) has no R2: report None, not a perfect 1.
         varied = truth.std(0) > 1e-6 * (np.abs(truth).max(0) + 1e-12)
         r2 = {lam: r2_score(p.numpy(), truth) for lam, p in held_out.items()}
-        lam = max(_LAMBDAS, key=lambda lam: float(np.mean(r2[lam][varied])) if varied.any() else 0)
+        lam = max(_LAMBDAS, key=lambda p: float(np.mean(r2[p][varied])) if varied.any() else 0.0)
         self.mean, self.std = x[fit_on].mean(0), x[fit_on].std(0) + 1e-6
         (self.weights,) = _ridge_weights((x[fit_on] - self.mean) / self.std, yt[fit_on], (lam,))
         scores = [float(v) if ok_ else None for v, ok_ in zip(r2[lam], varied)]
