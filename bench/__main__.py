@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from bench.cases import CASES, E2E, environment, run_cases
+from bench.cases import CASES, BenchConfig, run_cases
 from bench.report import markdown_table, write_plots
+from bench.timing import environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         "--e2e-seconds", type=float, default=None, help="override each end-to-end run's length"
     )
     args = ap.parse_args(argv)
-    E2E.update(neurons=args.e2e_neurons, size=args.e2e_size, seconds=args.e2e_seconds)
-
     env = environment(args.device)
     print(
         f"device: {env['device']} | torch {env['torch']} | {'quick' if args.quick else 'full'} run",
         flush=True,
     )
-    cases = run_cases(args.cases, quick=args.quick, checkpoint=args.checkpoint, device=env["device_kind"],
-                      log=lambda m: print(m, flush=True))  # fmt: skip
+    cfg = BenchConfig(
+        quick=args.quick, checkpoint=args.checkpoint, device=env["device_kind"],
+        e2e_neurons=args.e2e_neurons, e2e_size=args.e2e_size, e2e_seconds=args.e2e_seconds,
+    )  # fmt: skip
+    cases = run_cases(args.cases, cfg, log=lambda m: print(m, flush=True))
     result = {
         "device": env["device"],
         "torch": env["torch"],

@@ -2,86 +2,31 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-Log = Callable[[str], None]
+from bench.timing import Log, stats, timed
 
 
-def environment(device: str | None) -> dict[str, Any]:
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(
-                    line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-                )
-        except (OSError, StopIteration):
-            pass
-        name = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    try:
-        import triton
+@dataclass(frozen=True)
+class BenchConfig:
+    """What a run measures: the reduced set or the full one, on which model and device."""
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    import numba
-
-    return {
-        "device": f"{kind}: {name}",
-        "device_kind": kind,
-        "torch": torch.__version__,
-        "extra": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "numba": numba.__version__,
-            "triton": triton_version,
-        },
-    }
+    quick: bool = False
+    checkpoint: Path | None = None
+    device: str = "cpu"
+    e2e_neurons: int = 256
+    e2e_size: int = 512
+    e2e_seconds: float | None = None  # override each end-to-end run's length
 
 
-def timed(
-    fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None] | None = None
-) -> np.ndarray:
-    """Milliseconds per call of ``fn`` after an untimed warm-up."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    out = np.empty(iters)
-    for i in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        out[i] = (time.perf_counter() - t0) * 1e3
-    return out
-
-
-def stats(ms: np.ndarray) -> dict[str, float]:
-    return {
-        "p50_ms": round(float(np.percentile(ms, 50)), 4),
-        "p90_ms": round(float(np.percentile(ms, 90)), 4),
-        "p99_ms": round(float(np.percentile(ms, 99)), 4),
-        "max_ms": round(float(ms.max()), 4),
-        "jitter_ms": round(float(ms.std()), 4),
-        "iters": int(ms.size),
-    }
-
-
-def _model(checkpoint: Path | None, device: str):
+def _model(checkpoint: Path | None, device: str) -> Any:
     from calm_rt.model import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
@@ -91,7 +36,7 @@ def _model(checkpoint: Path | None, device: str):
 # ---------------------------------------------------------------------------
 
 
-def case_extract(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_extract(cfg: BenchConfig, log: Log) -> list[dict]:
     """Frame to traces: rigid motion correction, then the sparse ROI + neuropil projection.
 
     Frames are uint16 images of disc-shaped cells on a background with shot
@@ -105,15 +50,16 @@ def case_extract(quick: bool, checkpoint: Path | None, device: str, log: Log) ->
 
     from scipy import ndimage, sparse
 
-    from calm_rt.extract import MotionConfig, RoiExtractor
-    from calm_rt.segment import Footprints
+    from calm_rt.extract import Footprints, MotionConfig, RoiExtractor
 
     rows = []
     rng = np.random.default_rng(0)
     configs = (
-        [(512, 256), (512, 500)] if quick else [(256, 128), (512, 256), (512, 500), (1024, 1000)]
+        [(512, 256), (512, 500)]
+        if cfg.quick
+        else [(256, 128), (512, 256), (512, 500), (1024, 1000)]
     )
-    iters = 200 if quick else 1000
+    iters = 200 if cfg.quick else 1000
     for size, rois in configs:
         centers = rng.uniform(10, size - 10, size=(rois, 2))
         dy, dx = np.mgrid[-5:6, -5:6]
@@ -151,16 +97,16 @@ def case_extract(quick: bool, checkpoint: Path | None, device: str, log: Log) ->
     return rows
 
 
-def case_tokenizer(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_tokenizer(cfg: BenchConfig, log: Log) -> list[dict]:
     """Tokenizer with codebook lookup for one frame of N neurons (exact path)."""
-    model = _model(checkpoint, device)
+    model = _model(cfg.checkpoint, cfg.device)
     rows = []
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    for n in [256] if quick else [64, 256, 1024, 4096]:
-        w = torch.randn(n, model.config.patch, device=device)
+    sync = torch.cuda.synchronize if cfg.device == "cuda" else None
+    for n in [256] if cfg.quick else [64, 256, 1024, 4096]:
+        w = torch.randn(n, model.config.patch, device=cfg.device)
         with torch.inference_mode():
             ms = timed(
-                lambda w=w: model.tokenizer.tokenize_windows(w), 10, 100 if quick else 300, sync
+                lambda w=w: model.tokenizer.tokenize_windows(w), 10, 100 if cfg.quick else 300, sync
             )
         rows.append(
             {"name": f"tokenizer {n} neurons", "case": "tokenizer", "neurons": n, **stats(ms)}
@@ -172,7 +118,7 @@ def case_tokenizer(quick: bool, checkpoint: Path | None, device: str, log: Log) 
 def _engine_rows(
     model: Any, neurons: list[int], device: str, iters: int, label: str, log: Log
 ) -> list[dict]:
-    from calm_rt.engine import EngineConfig, StreamingEngine
+    from calm_rt.live.engine import EngineConfig, StreamingEngine
 
     rows = []
     for n in neurons:
@@ -193,44 +139,47 @@ def _engine_rows(
     return rows
 
 
-def case_engine(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_engine(cfg: BenchConfig, log: Log) -> list[dict]:
     """Incremental engine step (preprocess + tokenizer + DAT step + heads) against neuron count."""
-    model = _model(checkpoint, device)
-    if quick:
+    model = _model(cfg.checkpoint, cfg.device)
+    if cfg.quick:
         neurons = [64, 256]
     else:
-        neurons = [64, 256, 1024, 4096] if device == "cpu" else [64, 256, 1024, 4096, 16384]
-    return _engine_rows(model, neurons, device, 200 if quick else 500, "engine step", log)
+        neurons = [64, 256, 1024, 4096] if cfg.device == "cpu" else [64, 256, 1024, 4096, 16384]
+    return _engine_rows(model, neurons, cfg.device, 200 if cfg.quick else 500, "engine step", log)
 
 
-def case_context(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_context(cfg: BenchConfig, log: Log) -> list[dict]:
     """Engine step against the temporal context (untrained weights: latency only)."""
     from calm_rt.model import CalM
 
-    base = _model(checkpoint, device).config
+    base = _model(cfg.checkpoint, cfg.device).config
     rows = []
-    for c in [12, 48] if quick else [6, 12, 24, 48, 96]:
+    for c in [12, 48] if cfg.quick else [6, 12, 24, 48, 96]:
         torch.manual_seed(0)
-        model = CalM(replace(base, dat=replace(base.dat, context_tokens=c))).to(device).eval()
+        model = CalM(replace(base, dat=replace(base.dat, context_tokens=c))).to(cfg.device).eval()
         for row in _engine_rows(
-            model, [256], device, 100 if quick else 300, "engine step context", log
+            model, [256], cfg.device, 100 if cfg.quick else 300, "engine step context", log
         ):
             row["name"] = f"engine step 256 neurons, context {c} tokens ({c * base.patch} frames)"
             rows.append(row)
     return rows
 
 
-def case_recompute(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_recompute(cfg: BenchConfig, log: Log) -> list[dict]:
     """The alternative: the same model in eager PyTorch recomputing its whole context window every frame."""
-    model = _model(checkpoint, device)
+    model = _model(cfg.checkpoint, cfg.device)
     rows = []
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    sync = torch.cuda.synchronize if cfg.device == "cuda" else None
     ctx = model.config.context_frames
-    for n in [256] if quick else [64, 256, 1024]:
-        window = torch.randn(1, n, ctx, device=device)
+    for n in [256] if cfg.quick else [64, 256, 1024]:
+        window = torch.randn(1, n, ctx, device=cfg.device)
         with torch.inference_mode():
             ms = timed(
-                lambda window=window: model.forecast_windows(window), 5, 50 if quick else 200, sync
+                lambda window=window: model.forecast_windows(window),
+                5,
+                50 if cfg.quick else 200,
+                sync,
             )
         rows.append({"name": f"recompute whole window {n} neurons", "case": "recompute", "neurons": n,
                      "context_frames": ctx, **stats(ms)})  # fmt: skip
@@ -238,31 +187,30 @@ def case_recompute(quick: bool, checkpoint: Path | None, device: str, log: Log) 
     return rows
 
 
-def case_kernels(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_kernels(cfg: BenchConfig, log: Log) -> list[dict]:
     """Each Triton kernel against its torch reference (GPU only)."""
-    if device != "cuda":
+    if cfg.device != "cuda":
         log("  kernels: skipped (needs a CUDA GPU; on CPU the references are what runs)")
         return [{"name": "kernels", "case": "kernels", "skipped": "needs a CUDA GPU"}]
-    from bench.kernels import kernel_rows
+    from bench.kernels import kernel_rows  # imports the Triton kernels: only on a GPU
 
-    return kernel_rows(quick, log)
-
-
-E2E = {"neurons": 256, "size": 512, "seconds": None}
+    return kernel_rows(cfg.quick, log)
 
 
-def case_e2e(quick: bool, checkpoint: Path | None, device: str, log: Log) -> list[dict]:
+def case_e2e(cfg: BenchConfig, log: Log) -> list[dict]:
     """Scope (process) -> loopback ZeroMQ -> server (extract + engine) -> rig (process)."""
-    from calm_rt.demo import run_demo
+    from calm_rt.serve.demo import run_demo
 
     rows = []
-    neurons, size = E2E["neurons"], E2E["size"]
-    plans = [(30.0, 10.0)] if quick else [(30.0, 100.0), (60.0, 20.0), (90.0, 20.0), (120.0, 20.0)]
-    if E2E["seconds"] is not None:
-        plans = [(fps, E2E["seconds"]) for fps, _ in plans]
+    neurons, size = cfg.e2e_neurons, cfg.e2e_size
+    plans = (
+        [(30.0, 10.0)] if cfg.quick else [(30.0, 100.0), (60.0, 20.0), (90.0, 20.0), (120.0, 20.0)]
+    )
+    if cfg.e2e_seconds is not None:
+        plans = [(fps, cfg.e2e_seconds) for fps, _ in plans]
     workdir = Path(tempfile.gettempdir()) / "calm-rt-bench"
     for fps, seconds in plans:
-        summary = run_demo(seconds=seconds, neurons=neurons, size=size, fps=fps, checkpoint=checkpoint,
+        summary = run_demo(seconds=seconds, neurons=neurons, size=size, fps=fps, checkpoint=cfg.checkpoint,
                            workdir=workdir, log=log)  # fmt: skip
         row = {
             "name": "e2e" if fps == 30.0 else f"e2e {fps:g} Hz",
@@ -299,11 +247,9 @@ CASES: dict[str, Callable[..., list[dict]]] = {
 }
 
 
-def run_cases(
-    names: list[str] | None, quick: bool, checkpoint: Path | None, device: str, log: Log
-) -> list[dict]:
+def run_cases(names: list[str] | None, cfg: BenchConfig, log: Log) -> list[dict]:
     rows: list[dict] = []
     for name in names or list(CASES):
         log(f"{name}: {CASES[name].__doc__.splitlines()[0]}")
-        rows.extend(CASES[name](quick, checkpoint, device, log))
+        rows.extend(CASES[name](cfg, log))
     return rows

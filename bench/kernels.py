@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.cases import Log, stats, timed
+from bench.timing import Log, stats, timed
 from kernels.codebook import codebook_lookup_triton
 from kernels.neural_attention import neural_attention_triton
 from kernels.reference import (

@@ -97,11 +97,14 @@ def temporal_attention_step_ref(
 
 
 def neural_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention across neurons: ``q, k, v [H, N, d]`` to ``[H, N, d]``.
+    """Bidirectional attention across neurons: ``q, k, v [..., H, N, d]`` to the same shape.
 
-    Softmax scale ``d**-0.5``, no mask.
+    Softmax scale ``d**-0.5``, no mask; leading dimensions are independent.
     """
     # Contiguous 4D inputs get PyTorch's flash kernel on CPU; strided or 3D
     # ones fall back to a path several times slower.
-    q, k, v = (t.contiguous()[None] for t in (q, k, v))  # [1, H, N, d]
-    return F.scaled_dot_product_attention(q, k, v)[0]
+    if q.ndim == 4:
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    lead, tail = q.shape[:-3], q.shape[-3:]
+    q, k, v = (t.contiguous().reshape(-1, *tail) for t in (q, k, v))  # [G, H, N, d]
+    return F.scaled_dot_product_attention(q, k, v).view(*lead, *tail)

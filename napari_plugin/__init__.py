@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EmbeddedDemo", "Endpoints", "LiveFeed", "LiveView", "get_reader"]
+__all__ = ["Demo", "Endpoints", "LiveFeed", "LiveView", "get_reader"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,12 +26,16 @@ def __getattr__(name: str) -> Any:
         from napari_plugin._reader import get_reader
 
         return get_reader
-    if name in ("Endpoints", "LiveFeed"):
-        from napari_plugin import _feed
+    if name == "LiveFeed":
+        from napari_plugin._feed import LiveFeed
 
-        return getattr(_feed, name)
-    if name == "EmbeddedDemo":
-        from napari_plugin._embedded import EmbeddedDemo
+        return LiveFeed
+    if name == "Endpoints":
+        from calm_rt.serve.client import Endpoints
 
-        return EmbeddedDemo
+        return Endpoints
+    if name == "Demo":  # the embedded demo: a mock scope and a server on loopback
+        from calm_rt.serve.demo import Demo
+
+        return Demo
     raise AttributeError(f"module 'napari_plugin' has no attribute {name!r}")

@@ -6,15 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from napari_plugin._embedded import EmbeddedDemo
+from calm_rt.serve.demo import Demo
 from napari_plugin._widget import LiveView
 
 __all__ = ["open_live_demo", "pump", "run_live_demo"]
 
 
-def open_live_demo(
-    viewer: Any = None, demo: EmbeddedDemo | None = None, **demo_kwargs: Any
-) -> LiveView:
+def open_live_demo(viewer: Any = None, demo: Demo | None = None, **demo_kwargs: Any) -> LiveView:
     """Dock a :class:`LiveView` in ``viewer`` (a new one when None) and start the demo in it."""
     import napari
 
@@ -22,7 +20,7 @@ def open_live_demo(
         viewer = napari.Viewer(title="calm-rt live view")
     view = LiveView(viewer)
     viewer.window.add_dock_widget(view, name="calm-rt live view", area="right")
-    view.start_demo(demo or EmbeddedDemo(**demo_kwargs))
+    view.start_demo(demo or Demo(**demo_kwargs))
     return view
 
 

@@ -14,44 +14,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
-from calm_rt.client import RigClient, control_request
-from calm_rt.errors import ConfigError, ProtocolError
-from calm_rt.protocol import Message, decode
+from calm_rt.errors import ProtocolError
+from calm_rt.serve.client import Endpoints, RigClient, control_request
+from calm_rt.wire.protocol import Message, decode
 
-__all__ = ["Endpoints", "LiveFeed", "Snapshot", "TriggerMark"]
+__all__ = ["LiveFeed", "Snapshot", "TriggerMark"]
 
 log = logging.getLogger("napari_plugin.feed")
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Where a running ``calm-rt serve`` publishes, takes commands, and where its scope streams.
-
-    ``keys`` is a folder made by ``calm-rt keys`` (``client.key_secret`` and
-    ``server.key``) when the server uses CURVE; ``scope`` (the microscope's
-    PUB endpoint) is only needed to show the live image.
-    """
-
-    publish: str
-    control: str | None = None
-    scope: str | None = None
-    keys: Path | None = None
-
-    def curve(self) -> tuple[Path, Path] | tuple[None, None]:
-        if self.keys is None:
-            return None, None
-        secret, public = Path(self.keys) / "client.key_secret", Path(self.keys) / "server.key"
-        if not secret.exists() or not public.exists():
-            raise ConfigError(
-                f"{self.keys} needs client.key_secret and server.key (made by `calm-rt keys --out {self.keys}`)"
-            )
-        return secret, public
 
 
 @dataclass(frozen=True)

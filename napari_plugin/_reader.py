@@ -1,6 +1,6 @@
 """Open session files (``.npz``) and recordings (``.h5``) replayed through the model, to scrub in time.
 
-A file that already holds a replay (written by :func:`calm_rt.replay.replay_session`:
+A file that already holds a replay (written by :func:`calm_rt.offline.replay.replay_session`:
 ``forecast``, ``forecast_std``, ``activity``) is shown as it is; any other
 session or recording is replayed frame by frame through the streaming engine
 with the shipped default checkpoint first (exactly what the live system would
@@ -53,7 +53,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     if suffix in (".h5", ".hdf5") and p.is_file():
         import h5py
 
-        from calm_rt.recording import FORMAT
+        from calm_rt.serve.recording import FORMAT
 
         try:
             with h5py.File(p, "r") as f:
@@ -100,7 +100,7 @@ def read_replayed(path: str | Path) -> dict[str, Any]:
 
         session = load_session(p)
     else:
-        from calm_rt.recording import read_recording
+        from calm_rt.serve.recording import read_recording
 
         session = read_recording(p)
     return _replay(session)
@@ -114,7 +114,7 @@ def _check_replay(out: dict[str, Any], path: Path) -> None:
         if out[key].ndim != 3 or out[key].shape[:2] != (n, t):
             raise DataError(
                 f"{key} has shape {out[key].shape}, expected [N={n}, T={t}, H] like activity; "
-                "replay the session again with calm_rt.replay.replay_session",
+                "replay the session again with calm_rt.offline.replay.replay_session",
                 path=str(path),
             )
 
@@ -122,7 +122,7 @@ def _check_replay(out: dict[str, Any], path: Path) -> None:
 def _replay(session: Any) -> dict[str, Any]:
     from napari.utils import progress
 
-    from calm_rt.replay import replay_session
+    from calm_rt.offline.replay import replay_session
 
     model = _load_model()
     with progress(

@@ -9,7 +9,7 @@ __all__ = ["simulated_movie_sample"]
 
 def simulated_movie_sample() -> list[tuple[Any, dict[str, Any], str]]:
     """A 10 s, 128 x 128 simulated movie of 24 neurons (uint16) and their labels."""
-    from napari_plugin._embedded import demo_movie
+    from calm_rt.serve.demo import demo_movie
 
     demo = demo_movie(neurons=24, size=128, frames=300, fps=30.0, seed=1)
     meta = {"fps": demo.fps, "behavior": demo.behavior, "behavior_names": demo.behavior_names}

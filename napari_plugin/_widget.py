@@ -33,8 +33,9 @@ from qtpy.QtWidgets import (
 )
 from superqt import ensure_main_thread
 
-from napari_plugin._embedded import EmbeddedDemo
-from napari_plugin._feed import Endpoints, LiveFeed, Snapshot
+from calm_rt.serve.client import Endpoints
+from calm_rt.serve.demo import Demo
+from napari_plugin._feed import LiveFeed, Snapshot
 from napari_plugin._plots import LivePlots
 
 if TYPE_CHECKING:
@@ -57,25 +58,10 @@ def _real(obj: Any) -> Any:
 
 
 def rois_from_file(path: str | Path) -> np.ndarray:
-    """A label image ``[H, W]`` (neuron k is the k-th smallest label) from a ROI npz.
+    """A label image ``[H, W]`` (neuron k is label k + 1) from any ROI file ``calm-rt serve --rois`` takes."""
+    from calm_rt.extract import load_rois
 
-    Takes what ``calm-rt serve --rois`` takes: ``labels [H, W]`` or
-    ``footprints [R, H, W]`` (each pixel goes to its strongest footprint).
-    """
-    from calm_rt.errors import DataError
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "labels" in z:
-                return np.asarray(z["labels"]).astype(np.int32)
-            if "footprints" in z:
-                fp = np.asarray(z["footprints"], np.float32)
-                labels = fp.argmax(axis=0).astype(np.int32) + 1
-                labels[fp.max(axis=0) <= 0] = 0
-                return labels
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read ROIs ({exc})", path=str(path)) from exc
-    raise DataError("needs 'footprints' [R, H, W] or 'labels' [H, W]", path=str(path))
+    return load_rois(path).labels()
 
 
 class _Runtime:
@@ -87,7 +73,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.feed: LiveFeed | None = None
-        self.demo: EmbeddedDemo | None = None
+        self.demo: Demo | None = None
         self.closed = False
         self._lock = threading.Lock()
 
@@ -216,7 +202,7 @@ class LiveView(QWidget):
         return self._runtime.feed
 
     @property
-    def demo(self) -> EmbeddedDemo | None:
+    def demo(self) -> Demo | None:
         return self._runtime.demo
 
     @property
@@ -249,12 +235,12 @@ class LiveView(QWidget):
         self.status_label.setText(f"connecting to {endpoints.publish} ...")
         self._timer.start()
 
-    def start_demo(self, demo: EmbeddedDemo | None = None) -> None:
+    def start_demo(self, demo: Demo | None = None) -> None:
         """Start the embedded demo (mock scope + server) off the GUI thread, then connect to it."""
         if self._closed:
             raise RuntimeError("this live view was closed; open a new one")
         self.disconnect()
-        demo = demo or EmbeddedDemo()
+        demo = demo or Demo()
         self._runtime.demo = demo
         self._set_buttons(connected=False, starting=True)
         self.status_label.setText(
@@ -341,7 +327,7 @@ class LiveView(QWidget):
     def _on_demo_clicked(self) -> None:
         self.start_demo()
 
-    def _start_demo(self, demo: EmbeddedDemo) -> None:
+    def _start_demo(self, demo: Demo) -> None:
         try:
             demo.start()
         except Exception as exc:
@@ -354,7 +340,7 @@ class LiveView(QWidget):
         self._demo_ready(demo)
 
     @ensure_main_thread
-    def _demo_ready(self, demo: EmbeddedDemo) -> None:
+    def _demo_ready(self, demo: Demo) -> None:
         if self._closed or self._runtime.demo is not demo:
             demo.stop()
             return

@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     get_settings().application.gui_notification_level = "none"
 
+    from calm_rt.serve.demo import Demo
     from napari_plugin._app import open_live_demo, pump
-    from napari_plugin._embedded import EmbeddedDemo
 
     viewer = napari.Viewer(title="calm-rt live view", show=True)
     viewer.window.resize(args.width, args.height)
-    demo = EmbeddedDemo(
+    demo = Demo(
         neurons=args.neurons, size=args.size, checkpoint=args.checkpoint, calibrate_s=args.calibrate
     )
     view = open_live_demo(viewer, demo)

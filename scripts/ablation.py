@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from calm_rt.baselines import CopyLast
 from calm_rt.data import load_corpus
-from calm_rt.evaluate import evaluate
+from calm_rt.data.splits import Protocol, prepare_session
 from calm_rt.model import CalM, load_checkpoint
-from calm_rt.splits import Protocol, prepare_session
-from calm_rt.train import TrainConfig, pretrain_dat
+from calm_rt.offline.baselines import CopyLast
+from calm_rt.offline.evaluate import evaluate
+from calm_rt.offline.train import TrainConfig, pretrain_dat
 
 
 def _with_tokenizer_of(source: CalM, neural_attention: bool, seed: int) -> CalM:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from calm_rt.data import SimConfig, make_animal, simulate_session
-from calm_rt.engine import EngineConfig, StreamingEngine
+from calm_rt.live import r2_score
+from calm_rt.live.engine import EngineConfig, StreamingEngine
 from calm_rt.model import load_checkpoint
-from calm_rt.readout import r2_score
 
 
 def main() -> None:

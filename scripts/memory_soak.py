@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from calm_rt.engine import EngineConfig, StreamingEngine
+from calm_rt.live.engine import EngineConfig, StreamingEngine
 from calm_rt.model import PRESETS, CalM, load_checkpoint
 
 

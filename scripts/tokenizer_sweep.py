@@ -12,10 +12,10 @@ import time
 from dataclasses import replace
 
 from calm_rt.data import load_corpus
-from calm_rt.evaluate import tokenizer_report
+from calm_rt.data.splits import prepare_session
 from calm_rt.model import PRESETS
-from calm_rt.splits import prepare_session
-from calm_rt.train import TrainConfig, pretrain
+from calm_rt.offline.evaluate import tokenizer_report
+from calm_rt.offline.train import TrainConfig, pretrain
 
 
 def main() -> None:

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from calm_rt.analysis import (
+from calm_rt.cli import main
+from calm_rt.data import SimConfig, simulate_corpus
+from calm_rt.data.splits import Protocol
+from calm_rt.model import PRESETS, CalM, save_checkpoint
+from calm_rt.offline.analysis import (
     classification_probe,
     group_folds,
     hand_features,
@@ -16,10 +20,6 @@ from calm_rt.analysis import (
     ridge_time_probe,
     stratified_folds,
 )
-from calm_rt.cli import main
-from calm_rt.data import SimConfig, simulate_corpus
-from calm_rt.model import PRESETS, CalM, save_checkpoint
-from calm_rt.splits import Protocol
 
 PROBE_KEYS = {"name", "level", "target", "split", "metric", "model", "baseline", "combined"}
 PROBE_KEYS |= {"chance", "n", "folds"}

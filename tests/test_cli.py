@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from calm_rt.cli import _COMMANDS
+from calm_rt.cli._registry import COMMANDS as _COMMANDS
 from calm_rt.data import load_corpus
 
 DESIGN_COMMANDS = {

@@ -14,10 +14,10 @@ from calm_rt.data import (
     read_npz,
     simulate_session,
 )
-from calm_rt.engine import EngineConfig, StreamingEngine
 from calm_rt.errors import ConfigError, DataError
+from calm_rt.live.engine import EngineConfig, StreamingEngine
 from calm_rt.model import PRESETS, CalM
-from calm_rt.replay import replay_session
+from calm_rt.offline.replay import replay_session
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_a_long_gap_restarts_the_model_and_a_medium_one_is_skipped(model, sessio
     )  # 179 lost
     assert after.reset and after.skipped == 179 and after.frame == 0 and not first[-1].reset
     # The model restarted: only the new token is in the caches.
-    assert (engine.slot_pos >= 0).sum() == 1
+    assert (engine.cache.slot_pos >= 0).sum() == 1
     nxt = engine.step(session.traces[:, 301], seq=301, neuropil=session.neuropil[:, 301])
     assert not nxt.reset and nxt.frame == 1
 

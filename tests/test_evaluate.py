@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from calm_rt.baselines import (
+from calm_rt.data import SimConfig, make_animal, simulate_session
+from calm_rt.data.splits import TEST, TRAIN, VAL, Protocol, prepare_session
+from calm_rt.model import PRESETS, CalM
+from calm_rt.offline.baselines import (
     CopyLast,
     GRUDecoder,
     LinearAR,
@@ -18,10 +21,7 @@ from calm_rt.baselines import (
     RidgeDecoder,
     windows_at,
 )
-from calm_rt.data import SimConfig, make_animal, simulate_session
-from calm_rt.evaluate import evaluate, tokenizer_report
-from calm_rt.model import PRESETS, CalM
-from calm_rt.splits import TEST, TRAIN, VAL, Protocol, prepare_session
+from calm_rt.offline.evaluate import evaluate, tokenizer_report
 
 PROTOCOL = Protocol(block_frames=200)
 

@@ -21,8 +21,16 @@ from calm_rt.data import (
     traces_from_masks,
 )
 from calm_rt.errors import ConfigError, DataError
-from calm_rt.extract import FrameFlags, MotionConfig, MotionCorrector, RoiExtractor
-from calm_rt.segment import Footprints, SegmentConfig, load_rois, segment_movie
+from calm_rt.extract import (
+    Footprints,
+    FrameFlags,
+    MotionConfig,
+    MotionCorrector,
+    RoiExtractor,
+    SegmentConfig,
+    load_rois,
+    segment_movie,
+)
 
 # A small field (160 px, 50 cells, 500 frames at 30 Hz) with the simulator's
 # default motion (AR(1) wander, s.d. 1.5 px, up to 4.5 px): about 3 s to render.
@@ -205,12 +213,12 @@ def _write_suite2p(folder: Path, with_ops: bool = True) -> None:
 
 
 def test_suite2p_rois(tmp_path):
-    from calm_rt.service import load_footprints
+    from calm_rt.extract import load_rois
 
     plane = tmp_path / "suite2p" / "plane0"
     _write_suite2p(plane)
     for path in (tmp_path, plane, plane / "stat.npy"):
-        fp = load_footprints(path)
+        fp = load_rois(path)
         assert fp.shape == (20, 24) and fp.names == ("suite2p_0", "suite2p_2")
         dense = fp.dense()
         assert dense[0, 2, 4] == 1.0 and dense[0, 2, 5] == 0.5 and dense[1, 15, 3] == 1.0

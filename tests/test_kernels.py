@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from calm_rt import ops
 from calm_rt.errors import ConfigError
+from calm_rt.model import ops
 from kernels import _tuning
 from kernels import codebook as codebook_mod
 from kernels.codebook import codebook_lookup_triton
@@ -308,7 +308,7 @@ def test_dispatcher_modes(monkeypatch):
 def test_engine_with_kernels_forced_equals_the_reference_path(monkeypatch):
     """A few frames of the streaming engine (tiny model, 6 neurons) through the
     kernels give the reference path's tokens and forecasts."""
-    from calm_rt.engine import EngineConfig, StreamingEngine
+    from calm_rt.live.engine import EngineConfig, StreamingEngine
     from calm_rt.model import PRESETS, CalM
 
     torch.manual_seed(0)

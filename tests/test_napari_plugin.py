@@ -19,12 +19,13 @@ pytest.importorskip("pyqtgraph", reason="pyqtgraph is part of the gui extra")
 import torch
 
 from calm_rt.data import SimConfig, make_animal, simulate_session, write_npz
-from calm_rt.mockscope import simulated_movie
+from calm_rt.extract import save_rois
 from calm_rt.model import PRESETS, CalM
-from calm_rt.recording import Recorder
-from calm_rt.replay import replay_session
-from calm_rt.service import Server, ServiceConfig
-from napari_plugin._embedded import EmbeddedDemo, ScopeLoop, free_endpoint
+from calm_rt.offline.replay import replay_session
+from calm_rt.serve import Server, ServiceConfig
+from calm_rt.serve.demo import Demo, free_endpoint
+from calm_rt.serve.mockscope import ScopeLoop, simulated_movie
+from calm_rt.serve.recording import Recorder
 from napari_plugin._feed import Endpoints
 from napari_plugin._reader import CONTEXT, get_reader
 from napari_plugin._widget import FRAME, ROIS, SELECTED, TRIGGERS, LiveView
@@ -55,7 +56,7 @@ def live_server(tiny_model, tmp_path_factory):
     """A mock scope streaming a 64x64 movie of 10 ROIs into a live server, on loopback."""
     source = simulated_movie(neurons=10, size=64, frames=300, fps=30.0, seed=3)
     rois = tmp_path_factory.mktemp("rois") / "rois.npz"
-    np.savez(rois, footprints=source.footprints)
+    save_rois(rois, source.footprints)
     scope_ep, publish_ep, control_ep = free_endpoint(), free_endpoint(), free_endpoint()
     always = {"name": "T", "neurons": [2, 5], "threshold": -100.0, "refractory_ms": 300}
     config = ServiceConfig(
@@ -165,7 +166,7 @@ def test_embedded_demo_runs_in_the_widget_and_stops_on_close(make_napari_viewer,
     viewer = make_napari_viewer()
     view = LiveView(viewer)
     viewer.window.add_dock_widget(view, name="calm-rt live view")
-    demo = EmbeddedDemo(neurons=10, size=64, fps=30.0, model=tiny_model, calibrate_s=1.0)
+    demo = Demo(neurons=10, size=64, fps=30.0, model=tiny_model, calibrate_s=1.0)
     view.start_demo(demo)
     qtbot.waitUntil(lambda: view.feed is not None, timeout=60_000)  # a server process starts
     assert view.selected_neuron == 0

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calm_rt.errors import ProtocolError
-from calm_rt.protocol import ALLOWED_DTYPES, PROTOCOL_VERSION, decode, encode
+from calm_rt.wire.protocol import ALLOWED_DTYPES, PROTOCOL_VERSION, decode, encode
 
 
 def _frames(parts):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from calm_rt.readout import _LAMBDAS, RidgeReadout, r2_score
+from calm_rt.live import PENALTIES, RidgeReadout, r2_score
 
 
 def _linear_data(rng: np.random.Generator, frames: int, features: int, noise: float, w=None):
@@ -35,16 +35,16 @@ def test_fit_with_masks_is_the_textbook_ridge(features):
     readout = RidgeReadout()
     report = readout.fit(x, y, train, ~train)
     w = _reference_ridge(x.numpy()[train], y[train], report["lambda"])
-    np.testing.assert_allclose(readout.weights.numpy(), w, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(readout.model.weights.numpy(), w, rtol=1e-6, atol=1e-8)
     # and the penalty it chose is the best on the validation frames
     scores = []
-    for lam in _LAMBDAS:
+    for lam in PENALTIES:
         ref = _reference_ridge(x.numpy()[train], y[train], lam)
         xs = (x.numpy()[~train] - x.numpy()[train].mean(0)) / (
             x.numpy()[train].std(0, ddof=1) + 1e-6
         )
         scores.append(r2_score(xs @ ref[:-1] + ref[-1], y[~train]).mean())
-    assert report["lambda"] == _LAMBDAS[int(np.argmax(scores))]
+    assert report["lambda"] == PENALTIES[int(np.argmax(scores))]
 
 
 def test_cross_validated_r2_predicts_r2_on_new_frames():
@@ -53,7 +53,9 @@ def test_cross_validated_r2_predicts_r2_on_new_frames():
     readout = RidgeReadout()
     report = readout.fit(x, y)  # the live calibration path: no masks
     fresh_x, fresh_y, _ = _linear_data(rng, 4000, 40, noise=0.5, w=w)
-    pred = ((fresh_x - readout.mean) / readout.std) @ readout.weights[:-1] + readout.weights[-1]
+    pred = ((fresh_x - readout.model.mean) / readout.model.std) @ readout.model.weights[
+        :-1
+    ] + readout.model.weights[-1]
     fresh_r2 = r2_score(pred.numpy(), fresh_y)
     assert fresh_r2.min() > 0.6
     np.testing.assert_allclose(report["r2"], fresh_r2, atol=0.08)

@@ -15,15 +15,16 @@ import pytest
 import torch
 import zmq
 
-from calm_rt.client import RigClient, control_request
 from calm_rt.data import SimConfig, make_animal, simulate_session
 from calm_rt.errors import ConfigError
-from calm_rt.mockscope import FrameSource, MockScope, simulated_movie
+from calm_rt.extract import save_rois
 from calm_rt.model import PRESETS, CalM, save_checkpoint
-from calm_rt.protocol import encode
-from calm_rt.recording import read_recording
-from calm_rt.security import CurveKeys, generate_keys
-from calm_rt.service import Server, ServiceConfig
+from calm_rt.serve import Server, ServiceConfig
+from calm_rt.serve.client import RigClient, control_request
+from calm_rt.serve.mockscope import FrameSource, MockScope, simulated_movie
+from calm_rt.serve.recording import read_recording
+from calm_rt.wire.protocol import encode
+from calm_rt.wire.security import CurveKeys, generate_keys
 
 # Tests that check every frame is answered, in order, switch off the drop-when-behind
 # policy: a loaded CI machine can stall longer than the default lag (a run beside a
@@ -145,7 +146,7 @@ def test_raw_frames_are_extracted_and_answered(model, tmp_path):
     source = simulated_movie(neurons=12, size=64, frames=60, fps=30.0)
     scope_ep, pub_ep, ctl_ep = free(), free(), free()
     rois = tmp_path / "rois.npz"
-    np.savez(rois, footprints=source.footprints)
+    save_rois(rois, source.footprints)
     cfg = ServiceConfig(
         ingest=scope_ep, publish=pub_ep, control=ctl_ep, rois=rois, max_lag_ms=NO_DROPS
     )
@@ -206,10 +207,11 @@ def test_control_commands(model, session, tmp_path):
     ingest, pub_ep, ctl_ep = free(), free(), free()
     server = Server(
         ServiceConfig(
-            ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS
+            ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS,
+            data_dir=tmp_path,
         ),
         model=model,
-    ).start()
+    ).start()  # fmt: skip
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(ingest)
@@ -221,21 +223,23 @@ def test_control_commands(model, session, tmp_path):
             "threshold": -100.0,
             "refractory_ms": 100,
         }
-        assert control_request(ctl_ep, {"cmd": "add_trigger", "rule": rule})["ok"]
-        assert [r["name"] for r in control_request(ctl_ep, {"cmd": "list_triggers"})["rules"]] == [
-            "A"
-        ]
-        assert control_request(
-            ctl_ep, {"cmd": "start_recording", "path": str(tmp_path / "rec.h5")}
-        )["ok"]
-        bad = control_request(ctl_ep, {"cmd": "add_trigger", "rule": {"name": "B"}})
-        assert not bad["ok"] and "neurons" in bad["error"]
-        assert not control_request(ctl_ep, {"cmd": "fly"})["ok"]
+        early = control_request(ctl_ep, {"cmd": "add_trigger", "rule": rule})
+        assert not early["ok"] and "no session yet" in early["error"]
         with RigClient(pub_ep, ("trigger", "forecast")) as rig:
             _wait(lambda: server.subscriptions >= 1)
-            for t in range(30):
+            for t in range(5):  # the session begins: its neurons are known from here on
                 push.send_multipart(encode("traces", {"seq": t}, {"traces": session.traces[:, t]}))
-            rig.run(seconds=10, until=lambda: len(rig.stats_by_topic["forecast"].seqs) >= 30)
+            rig.run(seconds=10, until=lambda: len(rig.stats_by_topic["forecast"].seqs) >= 5)
+            assert control_request(ctl_ep, {"cmd": "add_trigger", "rule": rule})["ok"]
+            listed = control_request(ctl_ep, {"cmd": "list_triggers"})["rules"]
+            assert [r["name"] for r in listed] == ["A"]
+            assert control_request(ctl_ep, {"cmd": "start_recording", "path": "rec.h5"})["ok"]
+            bad = control_request(ctl_ep, {"cmd": "add_trigger", "rule": {"name": "B"}})
+            assert not bad["ok"] and "neurons" in bad["error"]
+            assert not control_request(ctl_ep, {"cmd": "fly"})["ok"]
+            for t in range(5, 35):
+                push.send_multipart(encode("traces", {"seq": t}, {"traces": session.traces[:, t]}))
+            rig.run(seconds=10, until=lambda: len(rig.stats_by_topic["forecast"].seqs) >= 35)
             triggers = len(rig.stats_by_topic["trigger"].seqs)
         assert 1 <= triggers <= 30 and server.status()["triggers_fired"] == triggers
         assert control_request(ctl_ep, {"cmd": "remove_trigger", "name": "A"})["ok"]
@@ -285,7 +289,7 @@ def test_curve_refuses_unauthenticated_peers(model, tmp_path, session):
             control_request(ctl_ep, {"cmd": "status"}, timeout_s=1.0, client_secret=stranger["client_secret"],
                             server_public=paths["server_public"])  # fmt: skip
         # Ingest: an unauthenticated PUSH delivers nothing; an authorised one does.
-        from calm_rt.security import secure_client_socket
+        from calm_rt.wire.security import secure_client_socket
 
         plain = ctx.socket(zmq.PUSH)
         plain.connect(ingest)
@@ -378,23 +382,16 @@ def test_sigterm_stops_serve_cleanly(model, tmp_path):
 
 def test_raw_frames_without_rois_are_segmented_first(model, tmp_path):
     """No ROIs: the server learns them from the first frames, then answers the rest."""
-    from dataclasses import replace
-
-    from calm_rt import service as service_module
-    from calm_rt.segment import SegmentConfig
 
     source = simulated_movie(neurons=15, size=96, frames=160, fps=30.0)
     scope_ep, pub_ep, ctl_ep = free(), free(), free()
     server = Server(
-        ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS),
+        # 60 frames instead of 10 s, to keep the test short
+        ServiceConfig(
+            ingest=scope_ep, publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS, segment_frames=60
+        ),
         model=model,
     )
-    original = service_module.AutoSegmenter
-
-    def quick_segmenter(shape):  # 60 frames instead of 10 s, to keep the test short
-        return original(shape, replace(SegmentConfig(), frames=60))
-
-    service_module.AutoSegmenter = quick_segmenter
     try:
         server.start()
         with RigClient(pub_ep, ("forecast",)) as rig:
@@ -409,7 +406,6 @@ def test_raw_frames_without_rois_are_segmented_first(model, tmp_path):
             heard = rig.stats()["forecast"]
         status = server.status()
     finally:
-        service_module.AutoSegmenter = original
         server.stop()
     assert status["segmenting"] == 60 and status["rois"].startswith("automatic")
     assert heard["received"] == 100 and heard["first_seq"] == 60

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from calm_rt.data import SimConfig, make_animal, simulate_corpus, simulate_session
+from calm_rt.data.splits import Protocol, prepare_session
 from calm_rt.model import load_checkpoint
-from calm_rt.splits import Protocol, prepare_session
-from calm_rt.train import FinetuneConfig, TrainConfig, finetune_behavior, pretrain
+from calm_rt.offline.finetune import FinetuneConfig, finetune_behavior
+from calm_rt.offline.train import TrainConfig, pretrain
 
 PROTOCOL = Protocol(block_frames=200)
 FAST = TrainConfig(
@@ -55,7 +56,7 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize("stage", ["tokenizer", "dat"])
 def test_resumed_run_equals_uninterrupted_run(sessions, tmp_path, monkeypatch, stage):
-    import calm_rt.train as train
+    import calm_rt.offline.train as train
 
     straight = pretrain(sessions, tmp_path / "a", "tiny", FAST, progress=False)
     write_state = train._write_state
@@ -88,8 +89,8 @@ def test_finetuned_head_decodes_behaviour(sessions, tmp_path):
     out = tuned.run_offline(torch.from_numpy(s.z))
     assert out.behavior is not None and out.behavior.shape == (s.session.n_frames, 3)
     # Running speed is decoded better than its mean on held-back frames.
-    from calm_rt.readout import r2_score
-    from calm_rt.splits import TEST
+    from calm_rt.data.splits import TEST
+    from calm_rt.live import r2_score
 
     test = s.labels == TEST
     r2 = r2_score(out.behavior.numpy()[test], s.behavior[test])

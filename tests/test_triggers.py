@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calm_rt.errors import ConfigError
-from calm_rt.triggers import TriggerRule, TriggerSet, load_rules
+from calm_rt.live.triggers import TriggerRule, TriggerSet, load_rules
 
 
 def test_rule_fires_above_threshold_and_respects_refractory():
@@ -92,7 +92,7 @@ def test_forecast_triggers_anticipate_real_ensemble_events():
     stimulus-driven ensemble fire before the ensemble's true activity crosses the
     threshold, earlier than the same rule on the measured activity."""
     from calm_rt.data import SimConfig, make_animal, simulate_session
-    from calm_rt.engine import EngineConfig, StreamingEngine
+    from calm_rt.live.engine import EngineConfig, StreamingEngine
     from calm_rt.model import load_checkpoint
 
     cfg = SimConfig(neurons=60, frames=3000, indicator="GCaMP6f", seed=21)

@@ -1,9 +1,12 @@
-"""Recordings in and out: the `Session` type, file readers, movies and ROIs,
-the causal preprocessing shared by training and the live engine, and the simulator."""
+"""Recordings in and out: the `Session` type, file readers, movies and ROI masks,
+the causal preprocessing shared by training and the live engine, the
+evaluation protocol's splits (:mod:`calm_rt.data.splits`), and the simulator."""
 
+from calm_rt.data._corpus import simulate_corpus
 from calm_rt.data._movies import (
     Movie,
     RoiSet,
+    labels_from_weights,
     open_movie,
     read_imagej_rois,
     session_from_movie,
@@ -20,6 +23,7 @@ from calm_rt.data._readers import (
     read_region_traces,
     read_suite2p,
 )
+from calm_rt.data._render import MovieTruth, render_movie
 from calm_rt.data._session import (
     CalmDataWarning,
     Session,
@@ -35,27 +39,30 @@ from calm_rt.data._simulate import (
     NEURON_TYPES,
     AnimalModel,
     Indicator,
-    MovieTruth,
     SessionTruth,
     SimConfig,
     make_animal,
-    render_movie,
-    simulate_corpus,
     simulate_session,
 )
+from calm_rt.data.splits import TEST, TRAIN, VAL, PreparedSession, Protocol, prepare_session
 
 __all__ = [
     "BEHAVIOR_NAMES",
     "INDICATORS",
     "NEURON_TYPES",
     "SUPPORTED_FORMATS",
+    "TEST",
+    "TRAIN",
+    "VAL",
     "AnimalModel",
     "CalmDataWarning",
     "CausalPreprocessor",
     "Indicator",
     "Movie",
     "MovieTruth",
+    "PreparedSession",
     "PreprocessConfig",
+    "Protocol",
     "RoiSet",
     "Session",
     "SessionTruth",
@@ -63,10 +70,12 @@ __all__ = [
     "TraceKind",
     "drop_unusable_neurons",
     "find_session_files",
+    "labels_from_weights",
     "load_corpus",
     "load_session",
     "make_animal",
     "open_movie",
+    "prepare_session",
     "preprocess_traces",
     "read_imagej_rois",
     "read_npy_traces",

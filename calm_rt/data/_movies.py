@@ -4,7 +4,8 @@
 ``[T, H, W]`` without loading it whole; :func:`read_imagej_rois` turns ImageJ
 ROIs into boolean masks; :func:`traces_from_masks` is the simple offline
 reference for ROI traces (mean over each ROI's pixels per frame), and
-:func:`session_from_movie` ties the three into a `Session`.
+:func:`session_from_movie` ties the three into a `Session`;
+:func:`labels_from_weights` turns sparse ROI weights into a label image.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from calm_rt.errors import DataError
 __all__ = [
     "Movie",
     "RoiSet",
+    "labels_from_weights",
     "open_movie",
     "read_imagej_rois",
     "session_from_movie",
@@ -344,7 +346,26 @@ def _open_hdf5(p: Path, dataset: str | None) -> Movie:
 
 
 # ----------------------------------------------------------------------------
-# ImageJ ROIs
+# ImageJ ROIs and label images
+
+
+def labels_from_weights(weights: Any, shape: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` int32 label image from sparse ROI weights ``[R, H*W]`` (scipy CSR).
+
+    ROI k is label k + 1 on the pixels where its weight is the largest
+    (ties to the lower index), 0 where no ROI has weight. Works row by row on
+    the sparse matrix: a dense ``[R, H, W]`` stack is 256 MB at 256 ROIs of
+    512x512.
+    """
+    h, w = shape
+    labels = np.zeros(h * w, np.int32)
+    best = np.zeros(h * w, np.float32)
+    indptr, indices, data = weights.indptr, weights.indices, weights.data
+    for k in range(indptr.size - 1):
+        pix, wts = indices[indptr[k] : indptr[k + 1]], data[indptr[k] : indptr[k + 1]]
+        win = wts > best[pix]
+        labels[pix[win]], best[pix[win]] = k + 1, wts[win]
+    return labels.reshape(h, w)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,96 @@
+"""Closed-form ridge readout of behaviour from frozen CalM representations.
+
+This is the fast calibration path: from a few minutes of labelled behaviour
+it fits in well under a second, so the live service can calibrate at the
+start of a session. Features at frame t are each neuron's DAT hidden state
+projected onto the leading principal components of all hidden states
+(``[N, W] -> [N, r]``), concatenated over neurons; the penalty is chosen by
+blocked cross-validation in time and the readout refitted on all frames
+(:mod:`calm_rt.live.ridge`, the same ridge the baselines use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from calm_rt.errors import DataError
+from calm_rt.live.ridge import fit_ridge, fit_ridge_cv, r2_score
+
+__all__ = ["RidgeReadout"]
+
+
+@dataclass
+class RidgeReadout:
+    """Ridge from per-neuron hidden states to behaviour (``components`` PCs per neuron).
+
+    Two steps, so a live calibration never holds full hidden states for
+    minutes: :meth:`fit_projection` on a short sample of hidden states, then
+    :meth:`fit` on the (small) projected features of all labelled frames.
+    """
+
+    components: int = 8
+    folds: int = 5
+
+    def fit_projection(self, hidden: Tensor) -> None:
+        """Principal axes of hidden states ``[T, N, W]`` (pooled over frames and neurons)."""
+        flat = hidden.double().reshape(-1, hidden.shape[-1])
+        self.center = flat.mean(0)
+        _, _, vh = torch.linalg.svd(flat - self.center, full_matrices=False)
+        self.projection = vh[: self.components].T  # [W, r]
+
+    def features(self, hidden: Tensor) -> Tensor:
+        """``[..., N, W]`` to ``[..., N * r]`` float64 (before standardisation)."""
+        return ((hidden.double() - self.center) @ self.projection).flatten(-2)
+
+    def fit(
+        self,
+        features: Tensor,
+        y: np.ndarray,
+        train: np.ndarray | None = None,
+        val: np.ndarray | None = None,
+    ) -> dict[str, object]:
+        """Fit the readout and report its R2 on frames it was not fitted on.
+
+        ``features [T, F]`` from :meth:`features`, ``y [T, B]``. With masks
+        (bool ``[T]``) it is fitted on ``train`` with the penalty chosen on
+        ``val`` (:func:`calm_rt.live.ridge.fit_ridge`). Without them (the
+        live calibration) the penalty is chosen by blocked cross-validation
+        over ``folds`` contiguous blocks in time, the reported R2 is that of
+        the pooled out-of-fold predictions, and the readout is refitted on
+        all frames. A single held-out block is not enough here: a
+        calibration of a few seconds has a last block in which behaviour
+        hardly varies, and R2 on it says nothing. Returns ``{"r2": [B],
+        "lambda": float, "frames": int}``; a variable constant over the
+        scored frames has R2 None.
+        """
+        t = features.shape[0]
+        if y.shape[0] != t:
+            raise DataError(f"behaviour has {y.shape[0]} frames but representations have {t}")
+        ok = np.isfinite(y).all(axis=1)
+        x, yt = features.double(), torch.from_numpy(np.where(ok[:, None], y, 0.0)).double()
+        if train is not None and val is not None:
+            fit_on, scored_on = train & ok, val & ok
+            self.model = fit_ridge(x[fit_on], yt[fit_on], x[scored_on], yt[scored_on])
+            held_out = self.model.predict(x[scored_on])
+        else:
+            n = int(ok.sum())
+            if n < 10:
+                raise DataError(f"need at least 10 labelled frames to calibrate, got {n}")
+            scored_on = ok
+            self.model, held_out = fit_ridge_cv(x[ok], yt[ok], self.folds)
+        truth = y[scored_on]
+        # A variable that never varied in the scored frames (no running in a
+        # short calibration, say) has no R2: report None, not a perfect 1.
+        varied = truth.std(0) > 1e-6 * (np.abs(truth).max(0) + 1e-12)
+        r2 = r2_score(held_out.numpy(), truth)
+        scores = [float(v) if ok_ else None for v, ok_ in zip(r2, varied)]
+        return {"r2": scores, "lambda": self.model.penalty, "frames": int(scored_on.sum())}
+
+    def predict(self, hidden: Tensor) -> Tensor:
+        """``[..., N, W]`` hidden states to ``[..., B]`` behaviour."""
+        x = self.features(hidden)
+        return self.model.predict(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1).float()

@@ -1,0 +1,143 @@
+"""Closed-loop triggers: declarative rules evaluated on every prediction.
+
+A rule reads "when the forecast mean of these neurons over the next
+``window_ms`` exceeds ``threshold`` (in s.d. of normalised activity), fire
+trigger ``name``, then stay quiet for ``refractory_ms``". Rules come from the
+CLI, a JSON file or the control socket, as plain dicts::
+
+    {"name": "A", "neurons": [3, 17, 42], "window_ms": 300,
+     "threshold": 2.0, "refractory_ms": 500}
+
+Optional ``"direction": "below"`` fires when the mean falls under the
+threshold instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm_rt.errors import ConfigError
+
+__all__ = ["TriggerEvent", "TriggerRule", "TriggerSet", "load_rules"]
+
+
+@dataclass(frozen=True)
+class TriggerRule:
+    name: str
+    neurons: tuple[int, ...]
+    window_ms: float = 300.0
+    threshold: float = 2.0
+    refractory_ms: float = 500.0
+    direction: str = "above"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TriggerRule:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a trigger rule is a JSON object, got {type(data).__name__}")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ConfigError(f"unknown trigger field(s) {sorted(unknown)}; see docs/protocol.md")
+        try:
+            rule = cls(
+                name=str(data["name"]),
+                neurons=tuple(int(i) for i in data["neurons"]),
+                window_ms=float(data.get("window_ms", 300.0)),
+                threshold=float(data.get("threshold", 2.0)),
+                refractory_ms=float(data.get("refractory_ms", 500.0)),
+                direction=str(data.get("direction", "above")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"bad trigger rule {data}: {exc!r}; it needs 'name' and 'neurons'"
+            ) from exc
+        if not rule.name or not rule.neurons:
+            raise ConfigError("a trigger rule needs a non-empty 'name' and at least one neuron")
+        if rule.window_ms <= 0 or rule.refractory_ms < 0:
+            raise ConfigError("window_ms must be > 0 and refractory_ms >= 0")
+        if rule.direction not in ("above", "below"):
+            raise ConfigError(f"direction must be 'above' or 'below', got {rule.direction!r}")
+        return rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "neurons": list(self.neurons)}
+
+
+@dataclass(frozen=True)
+class TriggerEvent:
+    rule: str
+    seq: int
+    value: float
+    threshold: float
+    lead_frames: int  # the forecast window the rule looked at, in frames
+
+
+class TriggerSet:
+    """The active rules and their refractory clocks (one per rule)."""
+
+    def __init__(self, n_neurons: int | None = None) -> None:
+        self.rules: dict[str, TriggerRule] = {}
+        self._last_fired: dict[str, float] = {}
+        self.n_neurons = n_neurons
+        self.fired = 0
+
+    def check(self, rule: TriggerRule, n_neurons: int | None = None) -> None:
+        """Raise :class:`ConfigError` unless ``rule``'s neurons exist (in ``n_neurons`` or the bound count)."""
+        n = self.n_neurons if n_neurons is None else n_neurons
+        if min(rule.neurons) < 0 or (n is not None and max(rule.neurons) >= n):
+            bound = f"[0, {n})" if n is not None else ">= 0"
+            raise ConfigError(
+                f"rule {rule.name!r}: neuron indices must be in {bound}, got {list(rule.neurons)}"
+            )
+
+    def add(self, rule: TriggerRule) -> None:
+        self.check(rule)
+        self.rules[rule.name] = rule
+        self._last_fired.pop(rule.name, None)
+
+    def bind(self, n_neurons: int) -> None:
+        """Fix the neuron count (a session began); every rule must fit it."""
+        for rule in self.rules.values():
+            self.check(rule, n_neurons)
+        self.n_neurons = n_neurons
+
+    def remove(self, name: str) -> None:
+        if name not in self.rules:
+            raise ConfigError(f"no trigger named {name!r}; active: {sorted(self.rules)}")
+        del self.rules[name]
+
+    def evaluate(
+        self, forecast: np.ndarray, fps: float, seq: int, now_s: float
+    ) -> list[TriggerEvent]:
+        """Fire every rule whose condition holds on ``forecast [N, H]`` at time ``now_s``."""
+        events = []
+        for rule in self.rules.values():
+            frames = max(1, min(forecast.shape[1], int(round(rule.window_ms / 1000.0 * fps))))
+            idx = [i for i in rule.neurons if i < forecast.shape[0]]
+            if not idx:
+                continue
+            value = float(forecast[idx, :frames].mean())
+            hit = value > rule.threshold if rule.direction == "above" else value < rule.threshold
+            last = self._last_fired.get(rule.name)
+            if hit and (last is None or (now_s - last) * 1000.0 >= rule.refractory_ms):
+                self._last_fired[rule.name] = now_s
+                self.fired += 1
+                events.append(TriggerEvent(rule.name, seq, value, rule.threshold, frames))
+        return events
+
+
+def load_rules(path: str | Path) -> list[TriggerRule]:
+    """Rules from a JSON file: a list of rule objects (or ``{"rules": [...]}``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read trigger rules from {path}: {exc}") from exc
+    if isinstance(data, dict):
+        data = data.get("rules", [])
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list of trigger rules")
+    return [TriggerRule.from_dict(d) for d in data]

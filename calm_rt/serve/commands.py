@@ -1,0 +1,304 @@
+"""Control commands: one typed handler per command, its request validated before it runs.
+
+A request is a JSON object ``{"cmd": NAME, ...fields}``. Each command
+declares its fields (type, range, required or default); :func:`run_command`
+checks the whole request against them, then calls the handler, which may
+rely on what was checked. Every failure is answered
+``{"ok": false, "error": "<what to do>"}`` and never ends a service thread.
+
+Files a peer names (recordings, checkpoints, ROI and trigger files) are
+resolved inside the server's data folder (``--data-dir``, default the
+working directory); anything outside it, missing, or not writable is refused
+at request time with the reason. See docs/protocol.md for the command list.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from calm_rt.errors import CalmError, ConfigError
+from calm_rt.extract import Footprints
+from calm_rt.live import TriggerRule, TriggerSet, load_rules
+from calm_rt.model import CalM, load_checkpoint
+from calm_rt.serve.config import ServiceConfig
+from calm_rt.serve.session import LiveSession
+
+__all__ = ["COMMANDS", "Arg", "Command", "CommandTarget", "resolve_peer_path", "run_command"]
+
+log = logging.getLogger("calm_rt.serve")
+
+
+class CommandTarget(Protocol):
+    """What commands act on (the compute thread's :class:`~calm_rt.serve.compute.Compute`)."""
+
+    config: ServiceConfig
+    session: LiveSession | None
+    triggers: TriggerSet
+    status: Callable[[], dict[str, Any]]
+
+    @property
+    def recording(self) -> Path | None: ...
+
+    def replace_setup(
+        self,
+        model: CalM | None = None,
+        meta: dict[str, Any] | None = None,
+        rois: Footprints | None = None,
+        rois_source: str | None = None,
+    ) -> None: ...
+
+    def start_recording(self, path: Path) -> None: ...
+
+    def stop_recording(self) -> Path | None: ...
+
+
+Handler = Callable[[CommandTarget, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One field of a request.
+
+    ``kind``: ``str``, ``number`` (finite float in ``[low, high]``),
+    ``names`` (a non-empty list of distinct non-empty strings), ``rule`` (a
+    JSON object), or a path: ``existing`` (a file or folder that exists),
+    ``new_file`` (a file to create: its folder exists and is writable, the
+    file does not). Paths are resolved in the data folder.
+    """
+
+    name: str
+    kind: str
+    required: bool = False
+    default: Any = None
+    low: float = -math.inf
+    high: float = math.inf
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Handler
+    args: tuple[Arg, ...]
+    doc: str
+
+
+def resolve_peer_path(root: Path, value: Any, kind: str, field: str) -> Path:
+    """``value`` as a path inside ``root``, checked for ``kind`` (``existing`` or ``new_file``)."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ConfigError(f"{field!r} must be a non-empty path string, got {value!r}")
+    path = Path(value)
+    path = (path if path.is_absolute() else root / path).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"{field!r}: {value} is outside the server's data folder {root}; name a file inside "
+            "it (the server's --data-dir)"
+        )
+    if kind == "existing":
+        if not path.exists():
+            raise ConfigError(f"{field!r}: {path} does not exist")
+        return path
+    if path.exists():
+        raise ConfigError(
+            f"{field!r}: {path} exists; recordings are never overwritten, choose a new name"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{field!r}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field!r}: the folder {parent} is not writable by the server")
+    return path
+
+
+def _parse(name: str, command: Command, request: dict[str, Any], root: Path) -> dict[str, Any]:
+    allowed = {a.name for a in command.args}
+    unknown = sorted(set(request) - allowed - {"cmd"})
+    if unknown:
+        fields = ", ".join(sorted(allowed)) or "none"
+        raise ConfigError(f"{name}: unknown field(s) {unknown}; its fields: {fields}")
+    out: dict[str, Any] = {}
+    for arg in command.args:
+        if arg.name not in request or request[arg.name] is None:
+            if arg.required:
+                raise ConfigError(f"{name} needs {arg.name!r} ({arg.kind})")
+            out[arg.name] = arg.default
+            continue
+        value = request[arg.name]
+        where = f"{name}: {arg.name!r}"
+        if arg.kind == "str":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+        elif arg.kind == "number":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where} must be a number, got {value!r}")
+            value = float(value)
+            if not (math.isfinite(value) and arg.low <= value <= arg.high):
+                raise ConfigError(f"{where} must be in [{arg.low:g}, {arg.high:g}], got {value!r}")
+        elif arg.kind == "names":
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) and v for v in value)
+                or len(set(value)) != len(value)
+            ):
+                raise ConfigError(
+                    f"{where} must be a list of distinct non-empty names, got {value!r}"
+                )
+            value = tuple(value)
+        elif arg.kind == "rule":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
+        elif arg.kind in ("existing", "new_file"):
+            value = resolve_peer_path(root, value, arg.kind, arg.name)
+        else:  # pragma: no cover - a programming error in COMMANDS
+            raise AssertionError(f"unknown argument kind {arg.kind}")
+        out[arg.name] = value
+    return out
+
+
+def run_command(compute: CommandTarget, request: dict[str, Any]) -> dict[str, Any]:
+    """Validate and run one request; always returns a reply, never raises."""
+    name = request.get("cmd")
+    command = COMMANDS.get(name) if isinstance(name, str) else None
+    if command is None:
+        return {
+            "ok": False,
+            "error": f"unknown command {name!r}; commands: {', '.join(COMMANDS)}, shutdown",
+        }
+    try:
+        args = _parse(name, command, request, compute.config.peer_files_root)
+        return {"ok": True, **command.handler(compute, args)}
+    except CalmError as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # a bug in a handler must not end the compute thread
+        log.exception("control command %r failed", name)
+        return {"ok": False, "error": f"internal error in {name}: {type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------------------
+# The handlers (run on the compute thread, between frames)
+
+
+def _status(c: CommandTarget, _: dict[str, Any]) -> dict[str, Any]:
+    return c.status()
+
+
+def _reset(c: CommandTarget, _: dict[str, Any]) -> dict[str, Any]:
+    if c.session is not None:
+        c.session.engine.reset()
+    return {}
+
+
+def _refuse_while_recording(c: CommandTarget, what: str) -> None:
+    if c.recording is not None:
+        raise ConfigError(
+            f"{what} starts a new session, and a recording holds one session: send stop_recording first"
+        )
+
+
+def _load_checkpoint(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    _refuse_while_recording(c, "load_checkpoint")
+    model, meta = load_checkpoint(args["path"])
+    c.replace_setup(model=model, meta=meta)
+    return {"checkpoint": str(args["path"] or "shipped default")}
+
+
+def _set_rois(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    from calm_rt.extract import load_rois
+
+    _refuse_while_recording(c, "set_rois")
+    rois = load_rois(args["path"])
+    c.replace_setup(rois=rois, rois_source=str(args["path"]))
+    return {"rois": rois.n_rois}
+
+
+def _start_recording(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    path = args["path"]
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise ConfigError(f"'path': a recording is HDF5; name it *.h5, got {path.name}")
+    if c.recording is not None:
+        raise ConfigError(f"already recording to {c.recording}; send stop_recording first")
+    c.start_recording(path)
+    return {"path": str(path)}
+
+
+def _stop_recording(c: CommandTarget, _: dict[str, Any]) -> dict[str, Any]:
+    path = c.stop_recording()
+    return {"path": str(path) if path else None}
+
+
+def _needs_neurons(c: CommandTarget) -> None:
+    if c.triggers.n_neurons is None:
+        raise ConfigError(
+            "no session yet, so its neurons are unknown: send trigger rules once frames arrive "
+            "(status shows 'neurons'), or give them at start with --triggers / --rois"
+        )
+
+
+def _add_trigger(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    rule = TriggerRule.from_dict(args["rule"])
+    _needs_neurons(c)
+    c.triggers.add(rule)
+    return {"rule": rule.to_dict()}
+
+
+def _add_triggers_file(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    rules = load_rules(args["path"])
+    _needs_neurons(c)
+    for rule in rules:  # all or none
+        c.triggers.check(rule)
+    for rule in rules:
+        c.triggers.add(rule)
+    return {"added": [r.name for r in rules]}
+
+
+def _remove_trigger(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    c.triggers.remove(args["name"])
+    return {}
+
+
+def _list_triggers(c: CommandTarget, _: dict[str, Any]) -> dict[str, Any]:
+    return {"rules": [r.to_dict() for r in c.triggers.rules.values()]}
+
+
+def _calibrate(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
+    if c.session is None:
+        raise ConfigError(
+            "no session yet: calibrate once frames are arriving (status shows 'neurons')"
+        )
+    cal = c.session.engine.start_calibration(args["seconds"], args["names"])
+    return {"frames": cal.target_frames}
+
+
+COMMANDS: dict[str, Command] = {
+    "status": Command(_status, (), "counters, latency, session, calibration"),
+    "reset": Command(_reset, (), "forget the session's history (same neurons)"),
+    "load_checkpoint": Command(
+        _load_checkpoint, (Arg("path", "existing"),), "switch model (default: the shipped one)"
+    ),
+    "set_rois": Command(_set_rois, (Arg("path", "existing", required=True),), "switch ROIs"),
+    "start_recording": Command(
+        _start_recording, (Arg("path", "new_file", required=True),), "record to a new HDF5 file"
+    ),
+    "stop_recording": Command(_stop_recording, (), "close the recording"),
+    "add_trigger": Command(_add_trigger, (Arg("rule", "rule", required=True),), "add a rule"),
+    "add_triggers_file": Command(
+        _add_triggers_file, (Arg("path", "existing", required=True),), "add rules from JSON"
+    ),
+    "remove_trigger": Command(
+        _remove_trigger, (Arg("name", "str", required=True),), "remove a rule"
+    ),
+    "list_triggers": Command(_list_triggers, (), "the active rules"),
+    "calibrate": Command(
+        _calibrate,
+        (
+            Arg("names", "names", required=True),
+            Arg("seconds", "number", default=120.0, low=1.0, high=3600.0),
+        ),
+        "fit the behaviour readout on the next seconds of frames with behaviour",
+    ),
+}

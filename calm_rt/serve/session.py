@@ -1,0 +1,331 @@
+"""One recording session at the rig, and how it is set up.
+
+A frame's way through a session is one straight line (:meth:`LiveSession.process`)::
+
+    message --traces (extract when it is a raw frame)--> engine step
+            --> triggers --> output messages (forecast, behavior, trigger)
+                        `--> recording (beside, when recording)
+
+Everything a session needs is built once, before its first frame is
+answered, by :class:`SessionSetup`: from ROIs given up front (at start), from
+the first ``traces`` message (the neuron count), or by segmenting the first
+seconds of raw frames when no ROIs were given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm_rt.errors import ConfigError, DataError, ProtocolError
+from calm_rt.extract import AutoSegmenter, Footprints, RoiExtractor, SegmentConfig, load_rois
+from calm_rt.live import EngineConfig, Prediction, StreamingEngine, TriggerSet
+from calm_rt.model import CalM
+from calm_rt.serve.config import ServiceConfig
+from calm_rt.serve.recording import Recorder
+from calm_rt.wire import Message, encode
+
+__all__ = ["Answer", "LiveSession", "SessionSetup"]
+
+log = logging.getLogger("calm_rt.serve")
+
+
+@dataclass
+class Answer:
+    """What one frame produced: the encoded messages to publish and what to count."""
+
+    messages: list[list[Any]] = field(default_factory=list)  # multipart messages, in order
+    lost: int = 0  # frames the scope's sequence numbers say never arrived
+    triggers: int = 0
+
+
+class LiveSession:
+    """The extractor (raw frames), the engine, the triggers and the recorder of one session.
+
+    Args:
+        model: the CalM model the engine runs.
+        config: the service's configuration (frame rate, kind, horizon).
+        n_neurons: neurons of the session (ROIs, or values per ``traces`` message).
+        extractor: for raw frames; None when the scope sends traces.
+        triggers: the server's rules, validated here against ``n_neurons``.
+        rois_source: where the ROIs came from (for status).
+        with_neuropil: whether neuropil traces arrive (recorded when they do).
+    """
+
+    def __init__(
+        self,
+        model: CalM,
+        config: ServiceConfig,
+        n_neurons: int,
+        extractor: RoiExtractor | None,
+        triggers: TriggerSet,
+        rois_source: str | None,
+        with_neuropil: bool,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.extractor = extractor
+        self.rois_source = rois_source
+        self.with_neuropil = with_neuropil
+        self.engine = StreamingEngine(
+            model,
+            EngineConfig(
+                n_neurons=n_neurons, fps=config.fps, kind=config.kind, horizon=config.horizon
+            ),
+        )
+        triggers.bind(n_neurons)  # rules given before the session now meet its neurons
+        self.triggers = triggers
+        self.recorder: Recorder | None = None
+
+    @property
+    def n_neurons(self) -> int:
+        return self.engine.n
+
+    def warm_up(self) -> None:
+        """Touch every per-frame code path before the first real frame (then forget it)."""
+        rng = np.random.default_rng(0)
+        n = self.n_neurons
+        for t in range(2 * self.model.config.context_frames):
+            traces = (100 + rng.random(n)).astype(np.float32)
+            self.engine.step(traces, seq=t, neuropil=0.5 * traces if self.with_neuropil else None)
+        self.engine.reset()
+        if self.extractor is not None:
+            self.extractor.extract(np.zeros(self.extractor.shape, self.extractor.dtype))
+
+    # -- recording --------------------------------------------------------------
+
+    def start_recording(self, path: Path) -> None:
+        if self.recorder is not None:
+            raise ConfigError(f"already recording to {self.recorder.path}; stop_recording first")
+        self.recorder = Recorder(
+            path, self.n_neurons, self.config.fps, self.engine.horizon, self.config.kind,
+            len(self.model.config.behavior_names), self.with_neuropil,
+        )  # fmt: skip
+
+    def stop_recording(self) -> Path | None:
+        """Close the recording (flushing every frame); returns its path."""
+        if self.recorder is None:
+            return None
+        path = self.recorder.path
+        self.recorder.close()
+        self.recorder = None
+        return path
+
+    def close(self) -> None:
+        self.stop_recording()
+
+    # -- a frame's way ----------------------------------------------------------
+
+    def process(self, msg: Message, dropped_before: int = 0) -> Answer:
+        """Answer one frame; ``dropped_before``: older frames the server dropped unanswered."""
+        traces, neuropil, flags = self._traces(msg)
+        expected = self.engine.expected_seq
+        # Frames we dropped for being behind are skipped, not filled: filling costs a
+        # model step each, and would keep an overloaded server behind for good.
+        pred = self.engine.step(
+            traces, seq=msg.seq, neuropil=neuropil, behavior=msg.arrays.get("behavior"),
+            fill=dropped_before == 0,
+        )  # fmt: skip
+        answer = Answer()
+        if expected is not None:
+            answer.lost = max(0, pred.filled + pred.skipped - dropped_before)
+        head = self._header(msg, pred, flags, dropped_before)
+        answer.messages.append(
+            encode("forecast", head, {"forecast": pred.forecast, "forecast_std": pred.forecast_std,
+                                      "activity": pred.activity})
+        )  # fmt: skip
+        if pred.behavior is not None:
+            names = list(self.behavior_names)
+            answer.messages.append(
+                encode("behavior", {**head, "names": names}, {"behavior": pred.behavior})
+            )
+        for event in self.triggers.evaluate(pred.forecast, self.config.fps, msg.seq, time.time()):
+            answer.triggers += 1
+            answer.messages.append(
+                encode("trigger", {**head, "rule": event.rule, "value": event.value,
+                                   "threshold": event.threshold, "lead_frames": event.lead_frames})
+            )  # fmt: skip
+        if self.recorder is not None:
+            self._record(msg, traces, neuropil, pred)
+        return answer
+
+    @property
+    def behavior_names(self) -> tuple[str, ...]:
+        """Names of the decoded variables: the calibrated readout's, else the head's."""
+        if self.engine.readout is not None and self.engine.calibration is not None:
+            return self.engine.calibration.names
+        return tuple(self.model.config.behavior_names)
+
+    def _traces(self, msg: Message) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """The frame's ``[N]`` traces and neuropil (extracted from pixels for a raw frame)."""
+        if msg.topic == "frame":
+            image = msg.arrays.get("image")
+            if image is None:
+                raise ProtocolError(
+                    "a 'frame' message carries its pixels in a buffer named 'image'"
+                )
+            if self.extractor is None:
+                raise DataError("this session receives traces, not raw frames (set ROIs to switch)")
+            traces, neuropil, frame_flags = self.extractor.extract(image)
+            return (
+                traces,
+                neuropil,
+                ({"frame_flags": frame_flags.__dict__} if frame_flags.any else {}),
+            )
+        traces = msg.arrays.get("traces")
+        if traces is None or traces.ndim != 1:
+            raise ProtocolError("a 'traces' message carries a 1-D buffer named 'traces'")
+        return traces, msg.arrays.get("neuropil"), {}
+
+    def _header(
+        self, msg: Message, pred: Prediction, flags: dict[str, Any], dropped_before: int
+    ) -> dict[str, Any]:
+        head = {
+            "seq": msg.seq,
+            "t_acq": msg.header.get("t_acq"),
+            "t_arrival": msg.header["t_arrival"],
+            "frame": pred.frame,
+            "fps": self.config.fps,
+            "neurons": int(pred.forecast.shape[0]),
+            "horizon": int(pred.forecast.shape[1]),
+            "filled": pred.filled,
+            # The model's gap includes our own drops, except before the session's first
+            # answer (no gap without a previous frame): those still count for the rig.
+            "skipped": max(pred.skipped, dropped_before),
+            "reset": pred.reset,
+            "missing": int(pred.missing.sum()),
+            "compute_ms": round(pred.timings_ms["total"], 3),
+            **flags,
+        }
+        return {k: v for k, v in head.items() if v is not None}
+
+    def _record(
+        self, msg: Message, traces: np.ndarray, neuropil: np.ndarray | None, pred: Prediction
+    ) -> None:
+        assert self.recorder is not None
+        row: dict[str, Any] = dict(
+            traces=np.asarray(traces, np.float32),
+            seq=msg.seq,
+            t_acq=float(msg.header.get("t_acq", math.nan)),
+            t_arrival=msg.header["t_arrival"],
+            t_publish=time.time(),
+            forecast=pred.forecast,
+            forecast_std=pred.forecast_std,
+        )
+        if "neuropil" in self.recorder.fields:
+            row["neuropil"] = np.asarray(neuropil, np.float32)
+        if "behavior_pred" in self.recorder.fields:
+            row["behavior_pred"] = pred.behavior
+        self.recorder.append(**row)
+
+
+class SessionSetup:
+    """Builds the next :class:`LiveSession`, once, before its first frame is answered.
+
+    Args:
+        model: the model sessions run.
+        config: the service's configuration.
+        triggers: the server's rules (bound to the session's neurons).
+        rois: ROIs for raw frames, or None (the first traces tell the neuron
+            count; raw frames are then segmented when ``config.auto_segment``).
+        rois_source: where ``rois`` came from (for status).
+        record: a recording to start with the session.
+    """
+
+    def __init__(
+        self,
+        model: CalM,
+        config: ServiceConfig,
+        triggers: TriggerSet,
+        rois: Footprints | None,
+        rois_source: str | None,
+        record: Path | None = None,
+    ) -> None:
+        self.model, self.config, self.triggers = model, config, triggers
+        self.rois, self.rois_source = rois, rois_source
+        self.record = record
+        self.segmenter: AutoSegmenter | None = None
+        self.segmenting = 0  # frames used to find ROIs (not answered)
+
+    @classmethod
+    def from_config(cls, model: CalM, config: ServiceConfig, triggers: TriggerSet) -> SessionSetup:
+        rois = load_rois(config.rois) if config.rois is not None else None
+        source = str(config.rois) if config.rois is not None else None
+        return cls(model, config, triggers, rois, source, config.record)
+
+    def build_now(self) -> LiveSession | None:
+        """The session, when the ROIs already say what it is (built and warmed); else None."""
+        if self.rois is None:
+            return None
+        session = self._build(self.rois.n_rois, RoiExtractor(self.rois, motion=True), True)
+        session.warm_up()
+        return session
+
+    def warm_up_model(self) -> None:
+        """Warm the model's per-frame path on a throwaway engine (the session is not known yet)."""
+        engine = StreamingEngine(
+            self.model, EngineConfig(n_neurons=8, fps=self.config.fps, kind=self.config.kind)
+        )
+        rng = np.random.default_rng(0)
+        for t in range(2 * self.model.config.context_frames):
+            traces = (100 + rng.random(8)).astype(np.float32)
+            engine.step(traces, seq=t, neuropil=0.5 * traces)
+
+    def feed(self, msg: Message) -> tuple[LiveSession | None, bool]:
+        """Learn the session from an early message.
+
+        Returns the session once it is known (else None), and whether ``msg``
+        is still to be answered by it (not when it was a frame the
+        segmentation learned from).
+        """
+        if msg.topic == "traces":
+            traces = msg.arrays.get("traces")
+            if traces is None or traces.ndim != 1 or traces.size < 1:
+                raise ProtocolError("a 'traces' message carries a 1-D buffer named 'traces'")
+            return self._build(traces.shape[0], None, msg.arrays.get("neuropil") is not None), True
+        image = msg.arrays.get("image")
+        if image is None:
+            raise ProtocolError("a 'frame' message carries its pixels in a buffer named 'image'")
+        if self.rois is not None:
+            return self._build(self.rois.n_rois, RoiExtractor(self.rois, motion=True), True), True
+        return self._segment(image), False
+
+    def _segment(self, image: np.ndarray) -> LiveSession | None:
+        """No ROIs given: learn them from the first frames of the stream (not answered meanwhile)."""
+        if not self.config.auto_segment:
+            raise DataError("raw frames need ROIs: start the server with --rois (or send 'traces')")
+        if self.segmenter is None:
+            if image.ndim != 2:
+                raise DataError(f"a frame is an [H, W] image, got shape {image.shape}")
+            self.segmenter = AutoSegmenter(
+                image.shape, SegmentConfig(frames=self.config.segment_frames)
+            )
+            log.info("no ROIs given: segmenting the first %d frames", self.segmenter.config.frames)
+        self.segmenting += 1
+        if not self.segmenter.push(image):
+            return None
+        found = self.segmenter.result()
+        self.segmenter = None
+        if found.footprints is None:
+            raise DataError(
+                f"no cells found in the first {found.frames} frames; give ROIs with --rois"
+            )
+        log.info("found %d cells", found.footprints.n_rois)
+        self.rois = found.footprints
+        self.rois_source = f"automatic segmentation of the first {found.frames} frames"
+        extractor = RoiExtractor(found.footprints, motion=found.motion or False)
+        return self._build(found.footprints.n_rois, extractor, True)
+
+    def _build(self, n: int, extractor: RoiExtractor | None, with_neuropil: bool) -> LiveSession:
+        session = LiveSession(
+            self.model, self.config, n, extractor, self.triggers, self.rois_source, with_neuropil
+        )
+        if self.record is not None:
+            session.start_recording(self.record)
+        return session
