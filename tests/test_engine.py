@@ -15,7 +15,8 @@ from calm_rt.data import (
     simulate_session,
 )
 from calm_rt.errors import ConfigError, DataError
-from calm_rt.live.engine import EngineConfig, StreamingEngine
+from calm_rt.live.engine import HISTORY, EngineConfig, StreamingEngine
+from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
 from calm_rt.model import PRESETS, CalM
 from calm_rt.offline.replay import replay_session
 
@@ -144,6 +145,70 @@ def test_online_calibration_fits_a_readout(model, session):
     assert cal.active and cal.frames == 300 and len(cal.r2) == 3
     assert pred.behavior is not None and pred.behavior.shape == (3,)
     assert engine.readout is not None
+
+
+def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(model, session):
+    """Calibrating forecasts live (no behaviour named) is the offline fit on those frames, exactly."""
+    config = EngineConfig(n_neurons=24, fps=30.0, background_calibration=False)
+    engine = StreamingEngine(model, config)
+    cal = engine.start_calibration(seconds=12.0)  # 360 frames
+    preds = _stream(engine, session.traces, session.neuropil)
+    assert cal.active and cal.frames == 360 and cal.forecast_gain is not None
+    # The frame that completes the calibration is the first calibrated one.
+    assert not preds[358].calibrated and all(p.calibrated for p in preds[359:])
+
+    z, off = _offline(model, session.traces, session.neuropil)
+    h = engine.horizon
+    projection = HiddenProjection.fit(off.hidden[:, :90])  # the first quarter of the calibration
+    mean, std = off.forecast[:, :360, :h], off.forecast_std[:, :360, :h]
+    fitted = ForecastCalibration.fit(
+        z[:, :360], mean, std, projection(off.hidden[:, :360]).float(), projection,
+        np.arange(HISTORY - 1, 360 - h), context=HISTORY,
+    )  # fmt: skip
+    assert fitted.cv_gain == pytest.approx(cal.forecast_gain, abs=1e-4)
+    ends = np.arange(400, 700, 25)
+    ctx = torch.from_numpy(np.stack([z[:, e - HISTORY + 1 : e + 1] for e in ends]))
+    want, want_sd = fitted.predict(
+        ctx, off.forecast[:, ends, :h].transpose(0, 1), off.forecast_std[:, ends, :h].transpose(0, 1),
+        off.hidden[:, ends].transpose(0, 1),
+    )  # fmt: skip
+    got = np.stack([preds[e].forecast for e in ends])
+    got_sd = np.stack([preds[e].forecast_std for e in ends])
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_sd, want_sd.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_a_background_forecast_calibration_is_installed_between_frames(model, session):
+    """The fit runs beside the stream; frames keep being answered and it takes over when done."""
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    cal = engine.start_calibration(seconds=12.0)
+    preds = _stream(engine, session.traces[:, :400], session.neuropil[:, :400])
+    assert not any(p.calibrated for p in preds[:359])
+    engine._fit_thread.join(timeout=120)  # wait on the condition, not on a clock
+    t = 400
+    while not cal.active:
+        engine.step(session.traces[:, t], seq=t, neuropil=session.neuropil[:, t])
+        t += 1
+    pred = engine.step(session.traces[:, t], seq=t, neuropil=session.neuropil[:, t])
+    assert pred.calibrated and cal.forecast_gain is not None
+
+
+def test_a_too_short_forecast_calibration_says_so(model):
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
+    cal = engine.start_calibration(seconds=1.0)
+    assert cal.forecast_error is not None and "calibrate for longer" in cal.forecast_error
+
+
+def test_a_calibration_for_other_neurons_is_refused(model, session):
+    engine = StreamingEngine(
+        model, EngineConfig(n_neurons=24, fps=30.0, background_calibration=False)
+    )
+    engine.start_calibration(seconds=12.0)
+    _stream(engine, session.traces[:, :400], session.neuropil[:, :400])
+    other = StreamingEngine(model, EngineConfig(n_neurons=23, fps=30.0))
+    with pytest.raises(ConfigError, match="23"):
+        other.set_forecast_calibration(engine.forecast_calibration)
+    assert engine.forecast_calibration is not None
 
 
 def test_state_is_constant_over_the_session(model, session):

@@ -21,7 +21,8 @@ from calm_rt.offline.baselines import (
     RidgeDecoder,
     windows_at,
 )
-from calm_rt.offline.evaluate import evaluate, tokenizer_report
+from calm_rt.offline.evaluate import HORIZONS, evaluate, tokenizer_report
+from calm_rt.offline.replay import replay_session
 
 PROTOCOL = Protocol(block_frames=200)
 
@@ -42,11 +43,11 @@ def test_protocol_splits_blocks_in_turn():
     assert starts.tolist() == [40, 42, 44]  # windows never cross a block boundary
 
 
-def test_zscore_uses_training_blocks_only(sessions):
+def test_offline_normalisation_is_the_engines(sessions):
+    """One normalisation: prepare_session's z is what the streaming engine publishes as activity."""
     s = sessions[0]
-    train = s.z[:, s.labels == TRAIN]
-    np.testing.assert_allclose(train.mean(1), 0, atol=1e-4)
-    np.testing.assert_allclose(train.std(1), 1, atol=1e-3)
+    replay = replay_session(s.session, CalM(PRESETS["tiny"]).eval(), horizon=4)
+    np.testing.assert_array_equal(replay["activity"], s.z)
 
 
 def test_baselines_beat_or_match_copy_last_where_they_should(sessions):
@@ -76,11 +77,20 @@ def test_evaluate_emits_the_full_json(sessions):
     )  # fmt: skip
     assert result["context"] == 48 and result["horizon"] == 16 and result["sessions"] == 2
     assert result["fps"] == 30.0
-    assert set(result["forecast"]) == {"calm", "copy_last", "linear_ar", "poco_mlp"}
-    for metrics in result["forecast"].values():
-        assert set(metrics) == {"score", "mse", "mae", "pearson"}
-        assert all(np.isfinite(v) for v in metrics.values())
-    assert result["forecast"]["copy_last"]["score"] == pytest.approx(0.0)
+    forecast = result["forecast"]
+    assert set(forecast) == {
+        "calm", "calm_zeroshot", "calm_live", "copy_last", "linear_ar", "poco_mlp"
+    }  # fmt: skip
+    for name, metrics in forecast.items():
+        assert {"score", "mse", "mae", "pearson", "mse_by_horizon"} <= set(metrics), name
+        assert list(metrics["mse_by_horizon"]) == [str(h) for h in HORIZONS]
+        assert all(np.isfinite(v) for v in metrics["mse_by_horizon"].values())
+    assert forecast["copy_last"]["score"] == pytest.approx(0.0)
+    # What the engine published, replayed frame by frame, is what eval scores as calm.
+    assert result["live_max_abs_diff"] < 1e-3
+    assert forecast["calm_live"]["score"] == pytest.approx(forecast["calm"]["score"], abs=1e-3)
+    assert -1 < forecast["calm"]["calibration_cv_gain"] < 1
+    assert set(result["calibration"]["by_horizon"]) == {str(h) for h in HORIZONS}
     assert {"calm_ridge", "ridge", "gru"} <= set(result["decoding"])
     assert set(result["groups"]) == {"heldout_sessions", "heldout_animals"}
     assert 0 <= result["calibration"]["nominal_90"] <= 1
@@ -100,7 +110,7 @@ def test_eval_cli_on_real_zebrafish_regions(shared_data, tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "calm_rt", "eval", "--data", str(shared_data / "zebrafish_legare"),
-            "--fps", "1", "--block-frames", "150", "--poco-steps", "60", "--adapt-steps", "40",
+            "--fps", "1", "--block-frames", "150", "--poco-steps", "60",
             "--json", str(out),
         ],
         capture_output=True, text=True, timeout=600,

@@ -191,8 +191,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--poco-steps", type=int, default=1500, help="training steps of the POCO-style baseline"
     )
     p.add_argument(
-        "--adapt-steps", type=int, default=300,
-        help="first fine-tune CalM on the training blocks the baselines use (0: zero-shot only)",
+        "--no-live", action="store_true",
+        help="skip the calm_live row (replaying every session through the streaming engine)",
     )  # fmt: skip
     _protocol_args(p)
 
@@ -214,7 +214,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model, meta, prepared, _protocol(args),
         forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=args.poco_steps)],
         progress=lambda msg: print(msg, flush=True),
-        adapt_steps=args.adapt_steps,
+        live=not args.no_live,
     )  # fmt: skip
     result["checkpoint"] = str(args.checkpoint or "shipped default")
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -222,9 +222,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(
         f"\nforecasting, {result['sessions']} session(s), context {result['context']}, horizon {result['horizon']}:"
     )
-    print(f"  {'model':<12}{'score':>8}{'mse':>8}{'mae':>8}{'pearson':>9}")
+    print(f"  {'model':<14}{'score':>8}{'mse':>8}{'mae':>8}{'pearson':>9}   mse at h = 1/4/8/16")
     for name, m in result["forecast"].items():
-        print(f"  {name:<12}{m['score']:>8.3f}{m['mse']:>8.3f}{m['mae']:>8.3f}{m['pearson']:>9.3f}")
+        by_h = "/".join(f"{v:.3f}" for v in m["mse_by_horizon"].values())
+        print(
+            f"  {name:<14}{m['score']:>8.3f}{m['mse']:>8.3f}{m['mae']:>8.3f}{m['pearson']:>9.3f}   {by_h}"
+        )
+    cal = result["calibration"]
+    print(
+        f"calm intervals: {cal['nominal_68']:.1%} inside +-1 s.d. (nominal 68.3%), "
+        f"{cal['nominal_90']:.1%} inside +-1.645 s.d. (nominal 90%)"
+    )
+    if "live_max_abs_diff" in result:
+        print(f"calm_live vs calm: max |difference| {result['live_max_abs_diff']:.2e}")
     if "decoding" in result:
         print("behaviour decoding (test blocks, mean R2 over variables):")
         for name, m in result["decoding"].items():

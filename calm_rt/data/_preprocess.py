@@ -43,7 +43,7 @@ class PreprocessConfig:
     norm_timescale_s: float = 60.0
     clip: float = 10.0
     eps: float = 1e-6
-    normalize: bool = True  # False: stop at dF/F (evaluation z-scores with fixed statistics)
+    normalize: bool = True  # False: stop at dF/F (the analysis of dF/F itself)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.neuropil_coef <= 2.0:

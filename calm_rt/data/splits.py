@@ -2,15 +2,15 @@
 
 POCO's protocol (arXiv 2506.14957), the default so numbers are comparable
 with published peers: each session is cut in time into blocks of 1000 frames
-assigned train, train, train, val, test in turn; each neuron's dF/F is
-z-scored with the statistics of its training blocks only; test windows of 48
+assigned train, train, train, val, test in turn; activity is normalised by
+the streaming engine's own causal preprocessing (running statistics, no
+look-ahead, the same numbers a rig receives); test windows of 48
 context + 16 target frames start every 16 frames inside test blocks. Training
 code only ever sees frames labelled train, so nothing leaks.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,8 +79,16 @@ class PreparedSession:
         return self.z.shape[0]
 
 
-def prepare_session(session: Session, protocol: Protocol | None = None) -> PreparedSession:
-    """dF/F (causal baseline, for raw F) then z-score with training-block statistics."""
+def prepare_session(
+    session: Session, protocol: Protocol | None = None, preprocess: PreprocessConfig | None = None
+) -> PreparedSession:
+    """The engine's own causal preprocessing (dF/F, running z-score, clip) over the whole session.
+
+    One normalisation for pretraining, evaluation and the live engine: ``z``
+    is exactly the ``activity`` the streaming engine computes frame by frame
+    from the same traces (``preprocess`` must be the engine's configuration),
+    so an offline score is the score of what a rig receives.
+    """
     protocol = protocol or Protocol()
     labels = protocol.labels(session.n_frames)
     if not (labels == TRAIN).any():
@@ -89,19 +97,11 @@ def prepare_session(session: Session, protocol: Protocol | None = None) -> Prepa
             f"{protocol.block_frames}; use a smaller --block-frames",
             path=session.source,
         )
-    dff = preprocess_traces(
+    z = preprocess_traces(
         session.traces,
         session.fps,
         session.kind,
         session.neuropil,
-        PreprocessConfig(normalize=False),
-    )
-    train = dff[:, labels == TRAIN]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows give NaN stats
-        mean = np.nanmean(train, axis=1, keepdims=True)
-        std = np.nanstd(train, axis=1, keepdims=True)
-    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
-    mean = np.where(np.isfinite(mean), mean, 0.0)
-    z = ((dff - mean) / std).astype(np.float32)
+        preprocess or PreprocessConfig(),
+    ).astype(np.float32)
     return PreparedSession(session=session, z=z, labels=labels, behavior=session.behavior)

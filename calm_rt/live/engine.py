@@ -10,6 +10,9 @@ constant memory per frame, and the same outputs as
     and value go into that chain's ring KV cache (C slots); the query attends
     over the cache (temporal), then across all N neurons (neural), then MLP
     --> hidden [N, W] --> heads --> forecast [N, H] +- s.d., behaviour [B]
+    with a forecast calibration installed (offline-fitted, or fitted live by
+    ``start_calibration``): forecast, s.d. = ForecastCalibration(history of
+    the last 48 z, token forecast, hidden) -- the same object ``eval`` scores
 
 All incremental state lives in buffers allocated by ``__init__``. The P
 chains' caches hold the last C tokens each, so memory is flat over hours.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -45,12 +49,18 @@ from torch import Tensor
 
 from calm_rt.data import CausalPreprocessor, PreprocessConfig
 from calm_rt.errors import ConfigError, DataError
+from calm_rt.live.forecast_calibration import (
+    CalibrationRecorder,
+    ForecastCalibration,
+)
 from calm_rt.live.readout import RidgeReadout
 from calm_rt.model import CalM, KVCache
 
-__all__ = ["Calibration", "EngineConfig", "Prediction", "StreamingEngine"]
+__all__ = ["HISTORY", "Calibration", "EngineConfig", "Prediction", "StreamingEngine"]
 
 log = logging.getLogger(__name__)
+
+HISTORY = 48  # frames of normalised activity kept for the forecast calibration (its context)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,9 @@ class EngineConfig:
     max_gap_seconds: float = 2.0  # longer gaps are skipped up to this; beyond, the model resets
     device: str = "cpu"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Fit a live forecast calibration in a background thread (seconds at hundreds of neurons)
+    # so frames keep being answered; False fits it within the frame that completes it.
+    background_calibration: bool = True
 
     def __post_init__(self) -> None:
         if self.n_neurons < 1:
@@ -86,8 +99,9 @@ class Prediction:
     """What the engine answers for one frame.
 
     ``forecast[i, h]`` is neuron i's normalised activity predicted for frame
-    ``frame + 1 + h``; ``forecast_std`` its predictive s.d. (from the token
-    distribution). ``behavior`` is in the behaviour's own units.
+    ``frame + 1 + h``; ``forecast_std`` its predictive s.d. (the token
+    distribution's, or the forecast calibration's when ``calibrated``).
+    ``behavior`` is in the behaviour's own units.
     """
 
     seq: int
@@ -102,11 +116,12 @@ class Prediction:
     skipped: int  # lost frames just before this one, skipped (too many to fill)
     reset: bool  # the model restarted (first frame, or a gap too long to bridge)
     timings_ms: dict[str, float]
+    calibrated: bool = False  # forecast from the session's forecast calibration
 
 
 @dataclass
 class Calibration:
-    """Progress of the online ridge readout calibration."""
+    """Progress of a live calibration: the forecasts always, the behaviour readout when named."""
 
     target_frames: int
     names: tuple[str, ...]
@@ -114,6 +129,8 @@ class Calibration:
     frames: int = 0
     r2: list[float | None] | None = None  # None per variable that never varied
     active: bool = False
+    forecast_gain: float | None = None  # cross-validated 1 - MSE/MSE(copy last), once fitted
+    forecast_error: str | None = None  # why the forecasts could not be calibrated
 
 
 class StreamingEngine:
@@ -146,6 +163,12 @@ class StreamingEngine:
             dat.layers, self.patch, n, dat.heads, self.context, self.head_dim, self.device
         )
         self.window = torch.zeros(n, self.patch, device=self.device, dtype=torch.float32)
+        # The last HISTORY normalised frames (0 where missing): the forecast calibration's input.
+        self.history = torch.zeros(n, HISTORY, dtype=torch.float32)
+        self.forecast_calibration: ForecastCalibration | None = None
+        self._forecast_recorder: CalibrationRecorder | None = None
+        self._fit_thread: threading.Thread | None = None
+        self._fit_result: ForecastCalibration | DataError | None = None
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
@@ -165,13 +188,31 @@ class StreamingEngine:
     def _reset_model(self) -> None:
         self.cache.reset()
         self.window.zero_()
+        self.history.zero_()
         self.frame = 0
 
     @property
     def state_nbytes(self) -> int:
         """Bytes of incremental state; constant over the session."""
         window = self.window.numel() * self.window.element_size()
-        return self.preprocessor.state_nbytes + self.cache.nbytes + window
+        history = self.history.numel() * self.history.element_size()
+        return self.preprocessor.state_nbytes + self.cache.nbytes + window + history
+
+    def set_forecast_calibration(self, calibration: ForecastCalibration | None) -> None:
+        """Install a forecast calibration (e.g. fitted offline on this session), or remove it."""
+        if calibration is not None:
+            if calibration.n_neurons != self.n:
+                raise ConfigError(
+                    f"the forecast calibration was fitted on {calibration.n_neurons} neurons, "
+                    f"this session has {self.n}; calibrate again"
+                )
+            if calibration.horizon < self.horizon or calibration.context > HISTORY:
+                raise ConfigError(
+                    f"the forecast calibration covers {calibration.horizon} frames ahead from "
+                    f"{calibration.context} frames of context; this engine needs >= {self.horizon} "
+                    f"ahead and <= {HISTORY} of context"
+                )
+        self.forecast_calibration = calibration
 
     # -- the step ---------------------------------------------------------------
 
@@ -232,14 +273,19 @@ class StreamingEngine:
         self, traces: np.ndarray, neuropil: np.ndarray | None, behavior: np.ndarray | None
     ) -> Prediction:
         t0 = time.perf_counter()
+        if self._fit_result is not None:
+            self._install_fitted()
         z = self.preprocessor.step(traces, neuropil)  # [N] float32, NaN where missing
         missing = ~np.isfinite(z)
         z_model = np.where(missing, 0.0, z)
         t1 = time.perf_counter()
 
         # Tokenizer: the window of the last P frames ending now.
+        z_now = torch.from_numpy(z_model)
         self.window = torch.roll(self.window, -1, dims=1)
-        self.window[:, -1] = torch.from_numpy(z_model).to(self.device)
+        self.window[:, -1] = z_now.to(self.device)
+        self.history = torch.roll(self.history, -1, dims=1)
+        self.history[:, -1] = z_now
         tokens = self.model.tokenizer.tokenize_windows(self.window)  # [N]
         t2 = time.perf_counter()
 
@@ -248,8 +294,18 @@ class StreamingEngine:
         logits = self.model.dat.logits(hidden)  # [N, k, K]
         mean, std = self.model.forecast_from_logits(logits, self.table)
         behavior_pred = self._behavior(hidden, behavior)
-        forecast = mean[:, : self.horizon].cpu().numpy()  # the one host sync: outputs are read
-        spread = std[:, : self.horizon].cpu().numpy()
+        mean, std, hidden_host = mean.cpu(), std.cpu(), hidden.cpu()  # the one host sync
+        if self._forecast_recorder is not None:
+            self._forecast_recorder.add(self.history[:, -1], mean, std, hidden_host)
+            if self.calibration is not None and not self.calibration.names:
+                self.calibration.frames = self._forecast_recorder.frames
+            self._finish_forecast_calibration()
+        cal = self.forecast_calibration
+        calibrated = cal is not None and self.frame >= cal.context - 1
+        if calibrated:
+            mean, std = cal.predict(self.history[:, -cal.context :], mean, std, hidden_host)
+        forecast = mean[:, : self.horizon].numpy()
+        spread = std[:, : self.horizon].numpy()
         t4 = time.perf_counter()
         pred = Prediction(
             seq=self.frame,
@@ -263,6 +319,7 @@ class StreamingEngine:
             filled=0,
             skipped=0,
             reset=False,
+            calibrated=calibrated,
             timings_ms={
                 "preprocess": (t1 - t0) * 1e3,
                 "tokenize": (t2 - t1) * 1e3,
@@ -279,6 +336,9 @@ class StreamingEngine:
         shift = min(frames, self.patch)
         self.window = torch.roll(self.window, -shift, dims=1)
         self.window[:, -shift:] = 0.0
+        lost = min(frames, HISTORY)
+        self.history = torch.roll(self.history, -lost, dims=1)
+        self.history[:, -lost:] = 0.0
         self.frame += frames
 
     def _dat_step(self, tokens: Tensor) -> Tensor:
@@ -288,17 +348,21 @@ class StreamingEngine:
 
     # -- behaviour ------------------------------------------------------------------
 
-    def start_calibration(self, seconds: float, names: tuple[str, ...]) -> Calibration:
-        """Collect ``seconds`` of frames with measured behaviour, then fit the ridge readout.
+    def start_calibration(self, seconds: float, names: tuple[str, ...] = ()) -> Calibration:
+        """Calibrate the forecasts, and the behaviour readout if ``names`` are given.
 
-        Frames must then be stepped with ``behavior=[B]``. When enough have
-        arrived the readout is fitted (penalty chosen on the last 20% of the
-        calibration, whose R2 is reported) and replaces the head's output.
+        Forecasts: the next ``seconds`` of frames are collected and a
+        :class:`~calm_rt.live.forecast_calibration.ForecastCalibration` is
+        fitted in closed form (penalty and s.d. from blocked cross-validation
+        in time; ``forecast_gain`` reports its held-out gain over copy-last)
+        and installed. Behaviour: frames must then be stepped with
+        ``behavior=[B]``; when ``seconds`` of them have arrived the ridge
+        readout is fitted (blocked CV, R2 reported) and replaces the head.
         """
         frames = int(round(seconds * self.config.fps))
         if frames < 20:
             raise ConfigError(f"calibrate for at least 20 frames, got {frames} ({seconds} s)")
-        if seconds < 30:
+        if names and seconds < 30:
             log.warning(
                 "calibrating the behaviour readout on %.0f s: under 30 s it rarely sees "
                 "behaviour's whole range and extrapolates badly (docs/engine.md)",
@@ -308,8 +372,59 @@ class StreamingEngine:
             target_frames=frames, names=tuple(names), projection_frames=min(150, frames // 4)
         )
         self._cal_hidden, self._cal_y = [], []
-        self.readout = None
+        if names:
+            self.readout = None
+        need = CalibrationRecorder.min_frames(HISTORY, self.horizon)
+        if frames < need:
+            self.calibration.forecast_error = (
+                f"forecasts need at least {need} frames ({need / self.config.fps:.1f} s) "
+                "to calibrate; calibrate for longer"
+            )
+            self._forecast_recorder = None
+        else:
+            self._forecast_recorder = CalibrationRecorder(
+                frames, projection_frames=min(150, frames // 4)
+            )
         return self.calibration
+
+    def _finish_forecast_calibration(self) -> None:
+        """Once its frames are in, fit the forecast calibration (in the background by default)."""
+        rec = self._forecast_recorder
+        if rec is None or not rec.full:
+            return
+        self._forecast_recorder = None
+        if self.config.background_calibration:
+            self._fit_thread = threading.Thread(
+                target=self._fit, args=(rec,), name="calm-rt-forecast-calibration", daemon=True
+            )
+            self._fit_thread.start()
+        else:
+            self._fit(rec)
+            self._install_fitted()
+
+    def _fit(self, rec: CalibrationRecorder) -> None:
+        try:
+            self._fit_result = rec.fit(context=HISTORY, horizon=self.horizon)
+        except DataError as err:  # e.g. a calibration that was all missing: keep the token forecast
+            self._fit_result = err
+
+    def _install_fitted(self) -> None:
+        """Install a finished fit (called on the stepping thread, between frames)."""
+        if self._fit_thread is not None:
+            if self._fit_thread.is_alive():
+                return
+            self._fit_thread = None
+        result, self._fit_result, cal = self._fit_result, None, self.calibration
+        if result is None or cal is None:
+            return
+        if isinstance(result, DataError):
+            cal.forecast_error = str(result)
+            log.warning("forecast calibration failed: %s", result)
+            return
+        self.set_forecast_calibration(result)
+        cal.forecast_gain = result.cv_gain
+        if not cal.names:
+            cal.active = True
 
     def _collect(self, cal: Calibration, hidden: Tensor, y: np.ndarray) -> None:
         """Keep full hidden states only until the projection is fitted, then r features per neuron."""
@@ -330,7 +445,7 @@ class StreamingEngine:
 
     def _behavior(self, hidden: Tensor, behavior: np.ndarray | None) -> np.ndarray | None:
         cal = self.calibration
-        if cal is not None and not cal.active and behavior is not None:
+        if cal is not None and cal.names and not cal.active and behavior is not None:
             y = np.asarray(behavior, np.float32)
             if y.shape != (len(cal.names),):
                 raise DataError(

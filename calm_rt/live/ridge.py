@@ -13,8 +13,9 @@ features, never their penalty grids:
   (1 - R2), so outputs in different units count alike and an output that
   never varies does not count.
 
-One thin SVD per fit serves the whole penalty path, whether features
-outnumber samples or not. Leading batch dimensions (``x [..., S, F]``) fit
+One thin SVD per fit serves the whole penalty path when features are many;
+with many more samples than features, one eigendecomposition of the Gram
+matrix (built from sums, so cross-validation folds cost a subtraction). Leading batch dimensions (``x [..., S, F]``) fit
 independent ridges with one shared penalty (per-neuron forecasters).
 """
 
@@ -76,9 +77,64 @@ def _path(x: Tensor, y: Tensor, penalties: tuple[float, ...]) -> list[Tensor]:
 
 
 def _fit(x: Tensor, y: Tensor, penalties: tuple[float, ...]) -> list[RidgeModel]:
+    if x.shape[-2] >= 2 * x.shape[-1]:  # many samples, few features: the Gram path is cheaper
+        return _fit_moments(_Moments.of(x, y), penalties)
     mean, std = _standardiser(x)
     paths = _path((x - mean) / std, y, penalties)
     return [RidgeModel(mean, std, w, lam) for w, lam in zip(paths, penalties)]
+
+
+@dataclass
+class _Moments:
+    """Sums that determine a ridge fit: count, sum x, sum y, sum x x', sum x y'."""
+
+    n: int
+    sx: Tensor  # [..., F]
+    sy: Tensor  # [..., O]
+    sxx: Tensor  # [..., F, F]
+    sxy: Tensor  # [..., F, O]
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor) -> _Moments:
+        xt = x.transpose(-1, -2)
+        return cls(x.shape[-2], x.sum(-2), y.sum(-2), xt @ x, xt @ y)
+
+    def __sub__(self, other: _Moments) -> _Moments:
+        return _Moments(
+            self.n - other.n,
+            self.sx - other.sx,
+            self.sy - other.sy,
+            self.sxx - other.sxx,
+            self.sxy - other.sxy,
+        )
+
+
+def _fit_moments(m: _Moments, penalties: tuple[float, ...]) -> list[RidgeModel]:
+    """The same fits as the SVD path, from sums (so CV folds cost a subtraction, not an SVD).
+
+    Standardised, centred Gram ``G = D^-1 (X'X - n m m') D^-1`` (D: the
+    features' s.d. as :func:`_standardiser` computes it); weights
+    ``(G + lam I)^-1 X~'y~`` through one eigendecomposition of ``G``.
+    """
+    n = m.n
+    mean = m.sx / n  # [..., F]
+    ymean = m.sy / n
+    cov = m.sxx - n * mean[..., :, None] * mean[..., None, :]  # centred X'X
+    std = (cov.diagonal(dim1=-2, dim2=-1).clamp_min(0) / max(n - 1, 1)).sqrt() + 1e-6
+    gram = cov / (std[..., :, None] * std[..., None, :])
+    cross = (m.sxy - n * mean[..., :, None] * ymean[..., None, :]) / std[..., :, None]
+    evals, evecs = torch.linalg.eigh(gram)
+    proj = evecs.transpose(-1, -2) @ cross  # [..., F, O]
+    out = []
+    for lam in penalties:
+        w = evecs @ (proj / (evals.clamp_min(0) + lam)[..., None])
+        # The SVD path's intercept: mean y minus the (zero) mean of standardised x times w.
+        out.append(
+            RidgeModel(
+                mean[..., None, :], std[..., None, :], torch.cat([w, ymean[..., None, :]], -2), lam
+            )
+        )
+    return out
 
 
 def _held_out_error(pred: Tensor, y: Tensor) -> float:
@@ -139,10 +195,17 @@ def fit_ridge_cv(
     folds = max(2, min(folds, n // 2))
     fold_of = torch.arange(n) * folds // n
     held_out = [torch.empty_like(y) for _ in penalties]
+    by_moments = n >= 2 * x.shape[-1]
+    total = _Moments.of(x, y) if by_moments else None
     for k in range(folds):
         held = fold_of == k
-        for store, model in zip(held_out, _fit(x[..., ~held, :], y[..., ~held, :], penalties)):
-            store[..., held, :] = model.predict(x[..., held, :])
+        if total is not None:
+            models = _fit_moments(total - _Moments.of(x[..., held, :], y[..., held, :]), penalties)
+        else:
+            models = _fit(x[..., ~held, :], y[..., ~held, :], penalties)
+        xs = (x[..., held, :] - models[0].mean) / models[0].std  # one standardisation per fold
+        for store, model in zip(held_out, models):
+            store[..., held, :] = xs @ model.weights[..., :-1, :] + model.weights[..., -1:, :]
     errors = [_held_out_error(p, y) for p in held_out]
     best = int(np.argmin(errors))
     (model,) = _fit(x, y, (penalties[best],))

@@ -4,12 +4,15 @@ The forecasting protocol is POCO's (see :mod:`calm_rt.data.splits`): context 48
 frames, horizon 16, score = 1 - MSE(model) / MSE(copy last frame), averaged
 over sessions, plus MSE, MAE and Pearson r; test windows every 16 frames
 inside test blocks. Baselines are fitted on the training blocks of the very
-sessions they are scored on; CalM is scored as pretrained (zero-shot).
+sessions they are scored on; so is CalM's closed-form forecast calibration
+(``calm``), beside the pretrained model as it is (``calm_zeroshot``) and the
+streaming engine's own published forecasts (``calm_live``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,10 +22,13 @@ from calm_rt.data import Session
 from calm_rt.data.splits import TEST, TRAIN, VAL, PreparedSession, Protocol
 from calm_rt.errors import ConfigError, DataError
 from calm_rt.live import RidgeReadout, r2_score
-from calm_rt.model import CalM, frame_windows
+from calm_rt.live.engine import HISTORY
+from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
+from calm_rt.model import CalM, OfflineOutput, frame_windows
 from calm_rt.offline.baselines import windows_at
+from calm_rt.offline.replay import replay_session
 
-__all__ = ["evaluate", "tokenizer_report"]
+__all__ = ["HORIZONS", "CalmForecasts", "calibrate_forecasts", "evaluate", "tokenizer_report"]
 
 
 @torch.no_grad()
@@ -92,6 +98,17 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
+def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over sessions of flat metrics and of per-horizon dicts."""
+    out: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            out[key] = _mean_metrics([r[key] for r in rows])
+        else:
+            out[key] = float(np.mean([r[key] for r in rows]))
+    return out
+
+
 def _group_of(session: Session, meta: dict[str, Any]) -> str:
     """How a session relates to the checkpoint's pretraining data."""
     data = (meta.get("pretraining") or {}).get("data") or {}
@@ -103,6 +120,66 @@ def _group_of(session: Session, meta: dict[str, Any]) -> str:
     return "heldout_animals"
 
 
+HORIZONS = (1, 4, 8, 16)  # frames ahead reported separately (h = 1 is the next frame)
+
+
+def _by_horizon(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """MSE at each of :data:`HORIZONS` that the forecast reaches (``[..., H]`` inputs)."""
+    err = ((pred - target) ** 2).reshape(-1, target.shape[-1]).mean(0)
+    return {str(h): float(err[h - 1]) for h in HORIZONS if h <= target.shape[-1]}
+
+
+def _coverage(mean: np.ndarray, sd: np.ndarray, target: np.ndarray) -> dict[str, dict[str, float]]:
+    """Interval coverage at +-1 and +-1.645 s.d. and s.d./RMSE, per horizon of :data:`HORIZONS`."""
+    err = np.abs(target - mean).reshape(-1, target.shape[-1])
+    sd = sd.reshape(-1, target.shape[-1])
+    out = {}
+    for h in HORIZONS:
+        if h <= target.shape[-1]:
+            e, s_ = err[:, h - 1], sd[:, h - 1]
+            out[str(h)] = {
+                "nominal_68": float((e <= s_).mean()),
+                "nominal_90": float((e <= 1.645 * s_).mean()),
+                "sd_over_rmse": float(s_.mean() / max(np.sqrt((e**2).mean()), 1e-12)),
+            }
+    return out
+
+
+@dataclass
+class CalmForecasts:
+    """CalM's outputs on one session: the whole-recording pass and its calibration."""
+
+    offline: OfflineOutput  # run_offline over the whole session
+    calibration: ForecastCalibration  # fitted on training blocks, penalty and s.d. on validation
+    projection: HiddenProjection
+
+
+def calibrate_forecasts(model: CalM, s: PreparedSession, protocol: Protocol) -> CalmForecasts:
+    """Run CalM over the session (causal, as the engine does) and fit its forecast calibration.
+
+    Fitted on windows ending every second frame inside training blocks; the
+    penalty and the s.d. model are chosen on the validation blocks' windows.
+    """
+    out = model.run_offline(torch.from_numpy(s.z))
+    h = protocol.horizon
+    dense = Protocol(protocol.context, h, protocol.block_frames, protocol.pattern, 1)
+    fit_ends = dense.window_starts(s.labels, TRAIN)[::2] + protocol.context - 1
+    val_ends = protocol.window_starts(s.labels, VAL) + protocol.context - 1
+    sample = fit_ends[:: max(1, fit_ends.size // 256)]
+    projection = HiddenProjection.fit(out.hidden[:, sample])
+    calibration = ForecastCalibration.fit(
+        s.z,
+        out.forecast[..., :h],
+        out.forecast_std[..., :h],
+        projection(out.hidden),
+        projection,
+        fit_ends,
+        val_ends,
+        context=protocol.context,
+    )
+    return CalmForecasts(out, calibration, projection)
+
+
 def evaluate(
     model: CalM,
     meta: dict[str, Any],
@@ -112,19 +189,23 @@ def evaluate(
     decoders: Sequence[Any] | None = None,
     progress: Callable[[str], None] | None = None,
     batch: int = 16,
-    adapt_steps: int = 0,
+    live: bool = True,
 ) -> dict[str, Any]:
     """Score CalM and the baselines on the test blocks of ``sessions``.
 
-    With ``adapt_steps > 0`` CalM is first fine-tuned (next-token objective,
-    tokenizer frozen) on the training blocks of ``sessions`` - the very data
-    the baselines are fitted on - and reported as ``calm``; the pretrained
-    model as it is becomes ``calm_zeroshot``. Otherwise ``calm`` is zero-shot.
+    Rows: ``calm`` is CalM with its closed-form forecast calibration fitted
+    on the training blocks (the data the baselines are fitted on, penalty on
+    validation blocks; :mod:`calm_rt.live.forecast_calibration`);
+    ``calm_zeroshot`` the pretrained model's own token forecast; with
+    ``live``, ``calm_live`` replays each session frame by frame through the
+    streaming engine with that calibration installed and scores what the
+    engine published (``live_max_abs_diff`` says how far it is from ``calm``).
 
     Returns the JSON of DESIGN.md (``context``, ``horizon``, ``fps``,
-    ``sessions``, ``forecast``, ``decoding`` when behaviour exists) plus
-    ``groups`` (held-out animals / sessions separately), ``calibration`` of
-    CalM's forecast intervals and the ``tokenizer`` report.
+    ``sessions``, ``forecast`` with ``mse_by_horizon`` per model,
+    ``decoding`` when behaviour exists) plus ``groups`` (held-out animals /
+    sessions separately), ``calibration`` (interval coverage of ``calm``,
+    pooled and per horizon) and the ``tokenizer`` report.
     """
     from calm_rt.offline.baselines import (
         CopyLast,
@@ -140,6 +221,11 @@ def evaluate(
             f"the model forecasts {model.config.horizon_frames} frames but the protocol asks for "
             f"{protocol.horizon}; use --horizon {model.config.horizon_frames} or less"
         )
+    if protocol.context > HISTORY:
+        raise ConfigError(
+            f"the engine keeps {HISTORY} frames of context for its forecast calibration; "
+            f"use --context {HISTORY} or less"
+        )
     scored = [k for k, s in enumerate(sessions) if protocol.window_starts(s.labels, TEST).size]
     if not scored:
         raise DataError(
@@ -150,64 +236,87 @@ def evaluate(
     forecasters = (
         list(forecasters) if forecasters is not None else [CopyLast(), LinearAR(), POCOForecaster()]
     )
-    calm_models = {"calm": model}
-    if adapt_steps > 0:
-        from calm_rt.offline.train import adapt
-
-        say(f"adapting CalM on training blocks ({adapt_steps} steps)")
-        tuned = adapt(model, sessions, adapt_steps, progress=False)
-        calm_models = {"calm": tuned, "calm_zeroshot": model}
     for f in forecasters:
         say(f"fitting {f.name} on training blocks")
         f.fit(sessions, protocol)
 
+    h = protocol.horizon
     per_session: list[dict[str, Any]] = []
-    coverage: list[tuple[float, float]] = []
+    calm_of: dict[int, CalmForecasts] = {}
+    pooled: dict[str, list[np.ndarray]] = {"mean": [], "sd": [], "target": []}
+    live_diff = 0.0
     for k in scored:
         s = sessions[k]
         starts = protocol.window_starts(s.labels, TEST)
-        ctx, tgt = windows_at(s.z, starts, protocol.context, protocol.horizon)
+        ends = starts + protocol.context - 1
+        ctx, tgt = windows_at(s.z, starts, protocol.context, h)
         copy = ctx[..., -1:].expand_as(tgt).numpy()
         target = tgt.numpy()
         row: dict[str, Any] = {
             "session_id": s.session.session_id,
             "group": _group_of(s.session, meta),
         }
-        for name, m in calm_models.items():
-            means, stds = [], []
-            for b0 in range(0, len(starts), batch):
-                m_, s_ = m.forecast_windows(ctx[b0 : b0 + batch])
-                means.append(m_[..., : protocol.horizon])
-                stds.append(s_[..., : protocol.horizon])
-            mean, std = torch.cat(means).numpy(), torch.cat(stds).numpy()
-            row[name] = _forecast_metrics(mean, target, copy)
-            if name == "calm":
-                err = np.abs(target - mean)
-                coverage.append((float((err <= std).mean()), float((err <= 1.645 * std).mean())))
+        say(f"CalM over {s.session.session_id} and its forecast calibration")
+        calm = calm_of[k] = calibrate_forecasts(model, s, protocol)
+        e = torch.from_numpy(ends)
+        token_mean = calm.offline.forecast[:, e, :h].transpose(0, 1)  # [B, N, H]
+        token_std = calm.offline.forecast_std[:, e, :h].transpose(0, 1)
+        mean, sd = calm.calibration.predict(
+            ctx, token_mean, token_std, calm.offline.hidden[:, e].transpose(0, 1)
+        )
+        outputs = {"calm": mean.numpy(), "calm_zeroshot": token_mean.numpy()}
+        pooled["mean"].append(outputs["calm"])
+        pooled["sd"].append(sd.numpy())
+        pooled["target"].append(target)
+        if live:
+            say(f"replaying {s.session.session_id} through the streaming engine")
+            replay = replay_session(s.session, model, horizon=h, calibration=calm.calibration)
+            outputs["calm_live"] = replay["forecast"][:, ends].transpose(1, 0, 2)
+            live_diff = max(live_diff, float(np.abs(outputs["calm_live"] - outputs["calm"]).max()))
+        for name, pred in outputs.items():
+            row[name] = _forecast_metrics(pred, target, copy)
+            row[name]["mse_by_horizon"] = _by_horizon(pred, target)
+        row["calm"]["calibration_cv_gain"] = calm.calibration.cv_gain
         for f in forecasters:
             pred = torch.cat(
                 [f.predict(k, ctx[b0 : b0 + batch]) for b0 in range(0, len(starts), batch)]
-            )
-            row[f.name] = _forecast_metrics(pred.numpy(), target, copy)
+            ).numpy()
+            row[f.name] = _forecast_metrics(pred, target, copy)
+            row[f.name]["mse_by_horizon"] = _by_horizon(pred, target)
         per_session.append(row)
-        say(f"forecast {s.session.session_id}: calm score {row['calm']['score']:.3f}")
+        say(
+            f"forecast {s.session.session_id}: calm {row['calm']['score']:.3f}, "
+            f"zero-shot {row['calm_zeroshot']['score']:.3f}"
+        )
 
-    names = [*calm_models, *(f.name for f in forecasters)]
+    names = [
+        "calm",
+        "calm_zeroshot",
+        *(["calm_live"] if live else []),
+        *(f.name for f in forecasters),
+    ]
+    mean_all, sd_all, target_all = (
+        np.concatenate([a.reshape(-1, h) for a in pooled[key]]) for key in ("mean", "sd", "target")
+    )
+    by_h = _coverage(mean_all, sd_all, target_all)
+    err = np.abs(target_all - mean_all)
     result: dict[str, Any] = {
         "context": protocol.context,
         "horizon": protocol.horizon,
         "fps": float(np.median([sessions[k].session.fps for k in scored])),
         "sessions": len(scored),
-        "forecast": {n: _mean_metrics([r[n] for r in per_session]) for n in names},
+        "forecast": {n: _mean_rows([r[n] for r in per_session]) for n in names},
         "calibration": {
-            "nominal_68": float(np.mean([c[0] for c in coverage])),
-            "nominal_90": float(np.mean([c[1] for c in coverage])),
+            "nominal_68": float((err <= sd_all).mean()),
+            "nominal_90": float((err <= 1.645 * sd_all).mean()),
+            "by_horizon": by_h,
         },
         "tokenizer": tokenizer_report(model, [sessions[k] for k in scored]),
-        "adapt_steps": adapt_steps,
         "groups": {},
         "per_session": per_session,
     }
+    if live:
+        result["live_max_abs_diff"] = live_diff
 
     # -- behaviour decoding ---------------------------------------------------
     with_beh = [k for k in scored if sessions[k].behavior is not None]
@@ -219,9 +328,7 @@ def evaluate(
             test = s.labels == TEST
             say(f"decoding {s.session.session_id}")
             row = {"session_id": s.session.session_id, "group": _group_of(s.session, meta)}
-            hidden = (
-                calm_models["calm"].run_offline(torch.from_numpy(s.z)).hidden.transpose(0, 1)
-            )  # [T, N, W]
+            hidden = calm_of[k].offline.hidden.transpose(0, 1)  # [T, N, W]
             readout = RidgeReadout()
             readout.fit_projection(hidden[torch.from_numpy(s.labels == TRAIN)])
             readout.fit(readout.features(hidden), s.behavior, s.labels == TRAIN, s.labels == VAL)
@@ -250,7 +357,7 @@ def evaluate(
             continue
         entry: dict[str, Any] = {
             "sessions": len(rows),
-            "forecast": {n: _mean_metrics([r[n] for r in rows]) for n in names},
+            "forecast": {n: _mean_rows([r[n] for r in rows]) for n in names},
         }
         drows = [r for r in dec_rows if r["group"] == group]
         if drows:

@@ -17,6 +17,7 @@ import numpy as np
 
 from calm_rt.data import Session, validate_session
 from calm_rt.live.engine import EngineConfig, StreamingEngine
+from calm_rt.live.forecast_calibration import ForecastCalibration
 from calm_rt.model import CalM
 
 __all__ = ["replay_session"]
@@ -29,6 +30,7 @@ def replay_session(
     realtime: bool = False,
     horizon: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    calibration: ForecastCalibration | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``session`` through a fresh engine; optionally write the results to ``out``.
 
@@ -44,6 +46,7 @@ def replay_session(
     engine = StreamingEngine(
         model, EngineConfig(n_neurons=n, fps=session.fps, kind=session.kind, horizon=horizon)
     )
+    engine.set_forecast_calibration(calibration)
     h = engine.horizon
     forecast = np.empty((n, t, h), np.float32)
     spread = np.empty((n, t, h), np.float32)
