@@ -410,3 +410,38 @@ def test_raw_frames_without_rois_are_segmented_first(model, tmp_path):
     assert status["segmenting"] == 60 and status["rois"].startswith("automatic")
     assert heard["received"] == 100 and heard["first_seq"] == 60
     assert 8 <= status["neurons"] <= 22  # about the 15 simulated cells
+
+
+def test_calibrate_forecasts_over_the_control_socket(model, session, tmp_path):
+    """`calibrate` without names fits the forecast calibration live; status reports its CV gain."""
+    ingest, pub_ep, ctl_ep = free(), free(), free()
+    server = Server(
+        ServiceConfig(
+            ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS,
+            data_dir=tmp_path, fps=30.0,
+        ),
+        model=model,
+    ).start()  # fmt: skip
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(ingest)
+    try:
+        push.send_multipart(encode("traces", {"seq": 0}, {"traces": session.traces[:, 0]}))
+        _wait(lambda: server.status()["neurons"] == 16)
+        reply = control_request(ctl_ep, {"cmd": "calibrate", "seconds": 5})
+        assert reply["ok"] and reply["frames"] == 150
+        t = 1
+        while not server.status()["forecast_calibrated"]:
+            assert t < session.n_frames, server.status()["calibration"]
+            push.send_multipart(encode("traces", {"seq": t}, {"traces": session.traces[:, t]}))
+            t += 1
+            # one frame at a time (a server behind the scope skips frames to catch up), and
+            # past the calibration the background fit gets its time before the next frame
+            _wait(lambda n=t: server.status()["answered"] == n, timeout=30)
+        cal = server.status()["calibration"]
+        assert cal["forecast_error"] is None and -1.0 < cal["forecast_gain"] < 1.0
+        assert cal["names"] == [] and cal["r2"] is None
+    finally:
+        push.close(0)
+        ctx.term()
+        server.stop()

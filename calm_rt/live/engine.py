@@ -53,7 +53,7 @@ from calm_rt.live.forecast_calibration import (
     CalibrationRecorder,
     ForecastCalibration,
 )
-from calm_rt.live.readout import RidgeReadout
+from calm_rt.live.readout import DECODE_LAGS, RidgeReadout
 from calm_rt.model import CalM, KVCache
 
 __all__ = ["HISTORY", "Calibration", "EngineConfig", "Prediction", "StreamingEngine"]
@@ -169,6 +169,7 @@ class StreamingEngine:
         self._forecast_recorder: CalibrationRecorder | None = None
         self._fit_thread: threading.Thread | None = None
         self._fit_result: ForecastCalibration | DataError | None = None
+        self._decode_lags = torch.tensor([HISTORY - 1 - lag for lag in DECODE_LAGS])
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
@@ -426,18 +427,20 @@ class StreamingEngine:
         if not cal.names:
             cal.active = True
 
-    def _collect(self, cal: Calibration, hidden: Tensor, y: np.ndarray) -> None:
+    def _collect(self, cal: Calibration, hidden: Tensor, lagged: Tensor, y: np.ndarray) -> None:
         """Keep full hidden states only until the projection is fitted, then r features per neuron."""
         self._cal_y.append(y)
         cal.frames += 1
         if cal.frames <= cal.projection_frames:
-            self._cal_hidden.append(hidden)
+            self._cal_hidden.append((hidden, lagged))
             if cal.frames == cal.projection_frames:
                 self._pending = RidgeReadout()
-                self._pending.fit_projection(torch.stack(self._cal_hidden))
-                self._cal_hidden = [self._pending.features(h).float() for h in self._cal_hidden]
+                self._pending.fit_projection(torch.stack([h for h, _ in self._cal_hidden]))
+                self._cal_hidden = [
+                    self._pending.features(h, a).float() for h, a in self._cal_hidden
+                ]
         else:
-            self._cal_hidden.append(self._pending.features(hidden).float())
+            self._cal_hidden.append(self._pending.features(hidden, lagged).float())
         if cal.frames >= cal.target_frames:
             report = self._pending.fit(torch.stack(self._cal_hidden), np.stack(self._cal_y))
             self.readout, cal.r2, cal.active = self._pending, report["r2"], True  # type: ignore[assignment]
@@ -445,15 +448,16 @@ class StreamingEngine:
 
     def _behavior(self, hidden: Tensor, behavior: np.ndarray | None) -> np.ndarray | None:
         cal = self.calibration
+        lagged = self.history[:, self._decode_lags]  # [N, L] activity now and at the lags
         if cal is not None and cal.names and not cal.active and behavior is not None:
             y = np.asarray(behavior, np.float32)
             if y.shape != (len(cal.names),):
                 raise DataError(
                     f"behaviour sample has shape {y.shape}, expected ({len(cal.names)},)"
                 )
-            self._collect(cal, hidden.detach().cpu(), y)
+            self._collect(cal, hidden.detach().cpu(), lagged, y)
         if self.readout is not None:
-            return self.readout.predict(hidden.cpu()).numpy()
+            return self.readout.predict(hidden.cpu(), lagged).numpy()
         head = self.model.behavior_head
         if head is not None:
             out = head(hidden[None])[0] * self.model.behavior_std + self.model.behavior_mean

@@ -4,7 +4,10 @@ This is the fast calibration path: from a few minutes of labelled behaviour
 it fits in well under a second, so the live service can calibrate at the
 start of a session. Features at frame t are each neuron's DAT hidden state
 projected onto the leading principal components of all hidden states
-(``[N, W] -> [N, r]``), concatenated over neurons; the penalty is chosen by
+(``[N, W] -> [N, r]``) and its normalised activity now and at
+:data:`DECODE_LAGS` frames back (the supervised ridge baseline's features,
+so the readout adds what CalM's representation knows on top of the
+activity), concatenated over neurons; the penalty is chosen by
 blocked cross-validation in time and the readout refitted on all frames
 (:mod:`calm_rt.live.ridge`, the same ridge the baselines use).
 """
@@ -20,7 +23,18 @@ from torch import Tensor
 from calm_rt.errors import DataError
 from calm_rt.live.ridge import fit_ridge, fit_ridge_cv, r2_score
 
-__all__ = ["RidgeReadout"]
+__all__ = ["DECODE_LAGS", "RidgeReadout", "lagged_activity"]
+
+DECODE_LAGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # frames back; the ridge baseline's lags
+
+
+def lagged_activity(z: np.ndarray, lags: tuple[int, ...] = DECODE_LAGS) -> Tensor:
+    """Causal lags of ``z [N, T]`` (NaN as 0, 0 before the start): ``[T, N, L]`` float32."""
+    x = np.nan_to_num(np.asarray(z, np.float32))
+    out = np.zeros((x.shape[1], x.shape[0], len(lags)), np.float32)
+    for j, lag in enumerate(lags):
+        out[lag:, :, j] = x[:, : x.shape[1] - lag].T
+    return torch.from_numpy(out)
 
 
 @dataclass
@@ -42,9 +56,13 @@ class RidgeReadout:
         _, _, vh = torch.linalg.svd(flat - self.center, full_matrices=False)
         self.projection = vh[: self.components].T  # [W, r]
 
-    def features(self, hidden: Tensor) -> Tensor:
-        """``[..., N, W]`` to ``[..., N * r]`` float64 (before standardisation)."""
+    def hidden_features(self, hidden: Tensor) -> Tensor:
+        """``[..., N, W]`` to the hidden states' PCs ``[..., N * r]`` float64."""
         return ((hidden.double() - self.center) @ self.projection).flatten(-2)
+
+    def features(self, hidden: Tensor, lagged: Tensor) -> Tensor:
+        """``hidden [..., N, W]`` and ``lagged [..., N, L]`` to ``[..., N * (r + L)]`` float64."""
+        return torch.cat([self.hidden_features(hidden), lagged.double().flatten(-2)], dim=-1)
 
     def fit(
         self,
@@ -90,7 +108,7 @@ class RidgeReadout:
         scores = [float(v) if ok_ else None for v, ok_ in zip(r2, varied)]
         return {"r2": scores, "lambda": self.model.penalty, "frames": int(scored_on.sum())}
 
-    def predict(self, hidden: Tensor) -> Tensor:
-        """``[..., N, W]`` hidden states to ``[..., B]`` behaviour."""
-        x = self.features(hidden)
+    def predict(self, hidden: Tensor, lagged: Tensor) -> Tensor:
+        """``hidden [..., N, W]`` and ``lagged [..., N, L]`` (:func:`lagged_activity`) to ``[..., B]``."""
+        x = self.features(hidden, lagged)
         return self.model.predict(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1).float()

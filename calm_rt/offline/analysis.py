@@ -175,7 +175,7 @@ def _behavior_probe(
     sample = np.flatnonzero(train)[:: max(1, int(train.sum()) // 2000)]
     readout.fit_projection(hidden[:, sample].transpose(0, 1))
     ht = hidden.transpose(0, 1)  # [T, N, W]
-    model_x = np.concatenate([ht.mean(1).double().numpy(), readout.features(ht).numpy()], 1)
+    model_x = np.concatenate([ht.mean(1).double().numpy(), readout.hidden_features(ht).numpy()], 1)
     z = np.nan_to_num(ps.z.astype(np.float64))
     slow = causal_mean(z, model.config.context_frames)
     base_x = np.concatenate([z.T, slow.T, z.mean(0)[:, None], slow.mean(0)[:, None]], 1)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calm_rt.data.splits import TRAIN, VAL, PreparedSession, Protocol
+from calm_rt.live.readout import DECODE_LAGS, lagged_activity
 from calm_rt.live.ridge import RidgeModel, fit_ridge
 
 __all__ = [
@@ -201,27 +202,19 @@ class POCOForecaster:
 # Behaviour decoders (per session)
 
 
-def _lagged(x: np.ndarray, lags: Sequence[int]) -> np.ndarray:
-    """``x [T, F]`` to ``[T, F * len(lags)]`` causal lagged copies (zeros before t=0)."""
-    out = []
-    for lag in lags:
-        shifted = np.zeros_like(x)
-        shifted[lag:] = x[: x.shape[0] - lag] if lag else x
-        out.append(shifted)
-    return np.concatenate(out, axis=1)
-
-
 class RidgeDecoder:
     """Ridge from the activity at t and a few past lags to behaviour at t."""
 
     name = "ridge"
 
-    def __init__(self, lags: Sequence[int] = (0, 1, 2, 4, 8, 16)) -> None:
+    def __init__(self, lags: tuple[int, ...] = DECODE_LAGS) -> None:
         self.lags = tuple(lags)
 
     def fit_predict(self, s: PreparedSession) -> np.ndarray:
         """Fit on train frames (penalty chosen on val frames); predict every frame ``[T, B]``."""
-        return fit_predict_ridge(_lagged(np.nan_to_num(s.z.T), self.lags), s.behavior, s.labels)
+        return fit_predict_ridge(
+            lagged_activity(s.z, self.lags).flatten(1).double().numpy(), s.behavior, s.labels
+        )
 
 
 def fit_predict_ridge(features: np.ndarray, y: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from calm_rt.errors import ConfigError, DataError
 from calm_rt.live import RidgeReadout, r2_score
 from calm_rt.live.engine import HISTORY
 from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
+from calm_rt.live.readout import lagged_activity
 from calm_rt.model import CalM, OfflineOutput, frame_windows
 from calm_rt.offline.baselines import windows_at
 from calm_rt.offline.replay import replay_session
@@ -329,10 +330,12 @@ def evaluate(
             say(f"decoding {s.session.session_id}")
             row = {"session_id": s.session.session_id, "group": _group_of(s.session, meta)}
             hidden = calm_of[k].offline.hidden.transpose(0, 1)  # [T, N, W]
+            lagged = lagged_activity(s.z)  # [T, N, L]
             readout = RidgeReadout()
             readout.fit_projection(hidden[torch.from_numpy(s.labels == TRAIN)])
-            readout.fit(readout.features(hidden), s.behavior, s.labels == TRAIN, s.labels == VAL)
-            pred = readout.predict(hidden).numpy()
+            features = readout.features(hidden, lagged)
+            readout.fit(features, s.behavior, s.labels == TRAIN, s.labels == VAL)
+            pred = readout.predict(hidden, lagged).numpy()
             row["calm_ridge"] = {"r2": float(r2_score(pred[test], s.behavior[test]).mean())}
             if model.behavior_head is not None and tuple(model.config.behavior_names) == tuple(
                 s.session.behavior_names

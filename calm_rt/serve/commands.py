@@ -296,9 +296,10 @@ COMMANDS: dict[str, Command] = {
     "calibrate": Command(
         _calibrate,
         (
-            Arg("names", "names", required=True),
+            Arg("names", "names", default=()),
             Arg("seconds", "number", default=120.0, low=1.0, high=3600.0),
         ),
-        "fit the behaviour readout on the next seconds of frames with behaviour",
+        "calibrate the forecasts on the next seconds of frames, and the behaviour readout "
+        "on frames with behaviour when names are given",
     ),
 }

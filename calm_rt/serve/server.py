@@ -227,7 +227,11 @@ class Server:
                 "target": cal.target_frames,
                 "names": list(cal.names),
                 "r2": cal.r2,
+                "forecast_gain": cal.forecast_gain,
+                "forecast_error": cal.forecast_error,
             },
+            "forecast_calibrated": session is not None
+            and session.engine.forecast_calibration is not None,
             "last_rejections": list(c.reasons)[-5:],
         }
         if final:
