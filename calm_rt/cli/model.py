@@ -32,7 +32,10 @@ def _prepare(paths: list[Path], args: argparse.Namespace) -> list:
 
     protocol = _protocol(args)
     sessions = load_corpus(paths, fps=args.fps)
-    print(f"preparing {len(sessions)} session(s) (dF/F, z-score on training blocks)", flush=True)
+    print(
+        f"preparing {len(sessions)} session(s) (the engine's causal dF/F and running z-score)",
+        flush=True,
+    )
     return [prepare_session(s, protocol) for s in sessions]
 
 

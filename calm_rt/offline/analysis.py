@@ -108,7 +108,7 @@ def _summarise_session(
     hidden = model.run_offline(torch.from_numpy(ps.z)).hidden  # [N, T, W]
     neurons.rep_train.append(population_coupling(hidden, train))
     neurons.rep_test.append(population_coupling(hidden, test))
-    # z is dF/F z-scored with training-block statistics; its scale is the dF/F s.d.
+    # z is the engine's running z-score of dF/F; its scale is the dF/F s.d.
     dff_sd = _dff_sd(ps)
     for frames, out in ((train, neurons.hand_train), (test, neurons.hand_test)):
         feats, names = hand_features(ps.z, dff_sd, ps.behavior, s.behavior_names, frames)
