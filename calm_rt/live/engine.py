@@ -125,7 +125,6 @@ class Calibration:
 
     target_frames: int
     names: tuple[str, ...]
-    projection_frames: int
     frames: int = 0
     r2: list[float | None] | None = None  # None per variable that never varied
     active: bool = False
@@ -173,7 +172,7 @@ class StreamingEngine:
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
-        self._cal_hidden: list[Tensor] = []
+        self._cal_x: list[Tensor] = []  # readout features of labelled calibration frames
         self._cal_y: list[np.ndarray] = []
         self.frame = 0
         self.expected_seq: int | None = None
@@ -294,8 +293,8 @@ class StreamingEngine:
         t3 = time.perf_counter()
         logits = self.model.dat.logits(hidden)  # [N, k, K]
         mean, std = self.model.forecast_from_logits(logits, self.table)
-        behavior_pred = self._behavior(hidden, behavior)
         mean, std, hidden_host = mean.cpu(), std.cpu(), hidden.cpu()  # the one host sync
+        behavior_pred = self._behavior(hidden, mean, behavior)
         if self._forecast_recorder is not None:
             self._forecast_recorder.add(self.history[:, -1], mean, std, hidden_host)
             if self.calibration is not None and not self.calibration.names:
@@ -369,10 +368,8 @@ class StreamingEngine:
                 "behaviour's whole range and extrapolates badly (docs/engine.md)",
                 seconds,
             )
-        self.calibration = Calibration(
-            target_frames=frames, names=tuple(names), projection_frames=min(150, frames // 4)
-        )
-        self._cal_hidden, self._cal_y = [], []
+        self.calibration = Calibration(target_frames=frames, names=tuple(names))
+        self._cal_x, self._cal_y = [], []
         if names:
             self.readout = None
         need = CalibrationRecorder.min_frames(HISTORY, self.horizon)
@@ -427,37 +424,35 @@ class StreamingEngine:
         if not cal.names:
             cal.active = True
 
-    def _collect(self, cal: Calibration, hidden: Tensor, lagged: Tensor, y: np.ndarray) -> None:
-        """Keep full hidden states only until the projection is fitted, then r features per neuron."""
+    def _collect(self, cal: Calibration, features: Tensor, y: np.ndarray) -> None:
+        """Keep the readout's features ``[N * F]`` of each labelled frame until the fit."""
         self._cal_y.append(y)
+        self._cal_x.append(features.float())
         cal.frames += 1
-        if cal.frames <= cal.projection_frames:
-            self._cal_hidden.append((hidden, lagged))
-            if cal.frames == cal.projection_frames:
-                self._pending = RidgeReadout()
-                self._pending.fit_projection(torch.stack([h for h, _ in self._cal_hidden]))
-                self._cal_hidden = [
-                    self._pending.features(h, a).float() for h, a in self._cal_hidden
-                ]
-        else:
-            self._cal_hidden.append(self._pending.features(hidden, lagged).float())
         if cal.frames >= cal.target_frames:
-            report = self._pending.fit(torch.stack(self._cal_hidden), np.stack(self._cal_y))
-            self.readout, cal.r2, cal.active = self._pending, report["r2"], True  # type: ignore[assignment]
-            self._cal_hidden, self._cal_y = [], []
+            readout = RidgeReadout()
+            report = readout.fit(torch.stack(self._cal_x), np.stack(self._cal_y))
+            self.readout, cal.r2, cal.active = readout, report["r2"], True  # type: ignore[assignment]
+            self._cal_x, self._cal_y = [], []
 
-    def _behavior(self, hidden: Tensor, behavior: np.ndarray | None) -> np.ndarray | None:
+    def _behavior(
+        self, hidden: Tensor, token_mean: Tensor, behavior: np.ndarray | None
+    ) -> np.ndarray | None:
         cal = self.calibration
-        lagged = self.history[:, self._decode_lags]  # [N, L] activity now and at the lags
-        if cal is not None and cal.names and not cal.active and behavior is not None:
+        collecting = cal is not None and cal.names and not cal.active and behavior is not None
+        features = None
+        if collecting or self.readout is not None:
+            lagged = self.history[:, self._decode_lags]  # [N, L] activity now and at the lags
+            features = RidgeReadout().features(token_mean, lagged)
+        if collecting:
             y = np.asarray(behavior, np.float32)
             if y.shape != (len(cal.names),):
                 raise DataError(
                     f"behaviour sample has shape {y.shape}, expected ({len(cal.names)},)"
                 )
-            self._collect(cal, hidden.detach().cpu(), lagged, y)
-        if self.readout is not None:
-            return self.readout.predict(hidden.cpu(), lagged).numpy()
+            self._collect(cal, features, y)  # type: ignore[arg-type]
+        if self.readout is not None and features is not None:
+            return self.readout.model.predict(features[None]).float()[0].numpy()
         head = self.model.behavior_head
         if head is not None:
             out = head(hidden[None])[0] * self.model.behavior_std + self.model.behavior_mean

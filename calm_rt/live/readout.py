@@ -1,15 +1,21 @@
-"""Closed-form ridge readout of behaviour from frozen CalM representations.
+"""Closed-form ridge readout of behaviour from CalM's forecasts and the recent activity.
 
 This is the fast calibration path: from a few minutes of labelled behaviour
 it fits in well under a second, so the live service can calibrate at the
-start of a session. Features at frame t are each neuron's DAT hidden state
-projected onto the leading principal components of all hidden states
-(``[N, W] -> [N, r]``) and its normalised activity now and at
-:data:`DECODE_LAGS` frames back (the supervised ridge baseline's features,
-so the readout adds what CalM's representation knows on top of the
-activity), concatenated over neurons; the penalty is chosen by
-blocked cross-validation in time and the readout refitted on all frames
-(:mod:`calm_rt.live.ridge`, the same ridge the baselines use).
+start of a session. Features at frame t, per neuron, concatenated over
+neurons: CalM's token forecast of the neuron made at t for
+:data:`DECODE_HORIZONS` frames ahead (a denoised summary of the population
+dynamics the neuron is in; causal: made from frames up to t) and its
+normalised activity now and :data:`DECODE_LAGS` frames back (the supervised
+``ridge`` baseline's features, so the readout adds what CalM knows on top
+of them). The penalty is chosen by blocked cross-validation in time and the
+readout refitted on all frames (:mod:`calm_rt.live.ridge`, the same ridge
+the baselines use).
+
+Hidden states were the features before: measured on the zebrafish
+hindbrain recording and simulated animals, their 8 PCs per neuron added
+more features than a few minutes of behaviour can fit and decoded worse
+than the lagged activity alone (docs/model.md).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from torch import Tensor
 from calm_rt.errors import DataError
 from calm_rt.live.ridge import fit_ridge, fit_ridge_cv, r2_score
 
-__all__ = ["DECODE_LAGS", "RidgeReadout", "lagged_activity"]
+__all__ = ["DECODE_HORIZONS", "DECODE_LAGS", "RidgeReadout", "lagged_activity"]
 
 DECODE_LAGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # frames back; the ridge baseline's lags
+DECODE_HORIZONS: tuple[int, ...] = (1, 4, 8, 16)  # frames ahead of CalM's forecast used
 
 
 def lagged_activity(z: np.ndarray, lags: tuple[int, ...] = DECODE_LAGS) -> Tensor:
@@ -39,30 +46,18 @@ def lagged_activity(z: np.ndarray, lags: tuple[int, ...] = DECODE_LAGS) -> Tenso
 
 @dataclass
 class RidgeReadout:
-    """Ridge from per-neuron hidden states to behaviour (``components`` PCs per neuron).
+    """Ridge from CalM's forecasts at :data:`DECODE_HORIZONS` and lagged activity to behaviour."""
 
-    Two steps, so a live calibration never holds full hidden states for
-    minutes: :meth:`fit_projection` on a short sample of hidden states, then
-    :meth:`fit` on the (small) projected features of all labelled frames.
-    """
-
-    components: int = 8
+    horizons: tuple[int, ...] = DECODE_HORIZONS
     folds: int = 5
 
-    def fit_projection(self, hidden: Tensor) -> None:
-        """Principal axes of hidden states ``[T, N, W]`` (pooled over frames and neurons)."""
-        flat = hidden.double().reshape(-1, hidden.shape[-1])
-        self.center = flat.mean(0)
-        _, _, vh = torch.linalg.svd(flat - self.center, full_matrices=False)
-        self.projection = vh[: self.components].T  # [W, r]
+    def features(self, forecast: Tensor, lagged: Tensor) -> Tensor:
+        """``forecast [..., N, H]`` (the token forecast) and ``lagged [..., N, L]`` to ``[..., N * (h + L)]``.
 
-    def hidden_features(self, hidden: Tensor) -> Tensor:
-        """``[..., N, W]`` to the hidden states' PCs ``[..., N * r]`` float64."""
-        return ((hidden.double() - self.center) @ self.projection).flatten(-2)
-
-    def features(self, hidden: Tensor, lagged: Tensor) -> Tensor:
-        """``hidden [..., N, W]`` and ``lagged [..., N, L]`` to ``[..., N * (r + L)]`` float64."""
-        return torch.cat([self.hidden_features(hidden), lagged.double().flatten(-2)], dim=-1)
+        Horizons beyond the forecast's ``H`` are left out.
+        """
+        idx = [h - 1 for h in self.horizons if h <= forecast.shape[-1]]
+        return torch.cat([forecast[..., idx].double(), lagged.double()], dim=-1).flatten(-2)
 
     def fit(
         self,
@@ -108,7 +103,7 @@ class RidgeReadout:
         scores = [float(v) if ok_ else None for v, ok_ in zip(r2, varied)]
         return {"r2": scores, "lambda": self.model.penalty, "frames": int(scored_on.sum())}
 
-    def predict(self, hidden: Tensor, lagged: Tensor) -> Tensor:
-        """``hidden [..., N, W]`` and ``lagged [..., N, L]`` (:func:`lagged_activity`) to ``[..., B]``."""
-        x = self.features(hidden, lagged)
+    def predict(self, forecast: Tensor, lagged: Tensor) -> Tensor:
+        """``forecast [..., N, H]`` and ``lagged [..., N, L]`` (:func:`lagged_activity`) to ``[..., B]``."""
+        x = self.features(forecast, lagged)
         return self.model.predict(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1).float()

@@ -9,8 +9,8 @@ states ``[N, T, W]``):
   separately, over the frames of test blocks (held-out neurons are scored on
   these, so a probe never sees the frames it is scored on);
 * **population representations** ``[T, F]`` per frame: the mean hidden state
-  over neurons plus the ridge readout's features (each neuron's hidden state
-  on the 8 leading principal axes, concatenated; :mod:`calm_rt.live.readout`).
+  over neurons plus each neuron's hidden state on the 8 leading principal
+  axes, concatenated (:class:`calm_rt.live.forecast_calibration.HiddenProjection`).
 
 Every probe is linear and is run three times with the same protocol: on the
 model's representation, on hand-made features of the raw traces (the
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from calm_rt.data.splits import TEST, TRAIN, PreparedSession
-from calm_rt.live import RidgeReadout
+from calm_rt.live.forecast_calibration import HiddenProjection
 from calm_rt.model import CalM
 from calm_rt.offline.probes import (
     AnalysisConfig,
@@ -171,11 +171,10 @@ def _behavior_probe(
 ) -> dict[str, dict[str, float]]:
     """R2 on test blocks per behaviour variable, for model, baseline and combined features."""
     train = ps.labels == TRAIN
-    readout = RidgeReadout(components=min(config.components, hidden.shape[-1]))
     sample = np.flatnonzero(train)[:: max(1, int(train.sum()) // 2000)]
-    readout.fit_projection(hidden[:, sample].transpose(0, 1))
+    projection = HiddenProjection.fit(hidden[:, sample], min(config.components, hidden.shape[-1]))
     ht = hidden.transpose(0, 1)  # [T, N, W]
-    model_x = np.concatenate([ht.mean(1).double().numpy(), readout.hidden_features(ht).numpy()], 1)
+    model_x = np.concatenate([ht.mean(1).double().numpy(), projection(ht).flatten(1).numpy()], 1)
     z = np.nan_to_num(ps.z.astype(np.float64))
     slow = causal_mean(z, model.config.context_frames)
     base_x = np.concatenate([z.T, slow.T, z.mean(0)[:, None], slow.mean(0)[:, None]], 1)

@@ -330,12 +330,11 @@ def evaluate(
             say(f"decoding {s.session.session_id}")
             row = {"session_id": s.session.session_id, "group": _group_of(s.session, meta)}
             hidden = calm_of[k].offline.hidden.transpose(0, 1)  # [T, N, W]
-            lagged = lagged_activity(s.z)  # [T, N, L]
             readout = RidgeReadout()
-            readout.fit_projection(hidden[torch.from_numpy(s.labels == TRAIN)])
-            features = readout.features(hidden, lagged)
+            token_mean = calm_of[k].offline.forecast.transpose(0, 1)  # [T, N, H]
+            features = readout.features(token_mean, lagged_activity(s.z))
             readout.fit(features, s.behavior, s.labels == TRAIN, s.labels == VAL)
-            pred = readout.predict(hidden, lagged).numpy()
+            pred = readout.model.predict(features).float().numpy()
             row["calm_ridge"] = {"r2": float(r2_score(pred[test], s.behavior[test]).mean())}
             if model.behavior_head is not None and tuple(model.config.behavior_names) == tuple(
                 s.session.behavior_names
