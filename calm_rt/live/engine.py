@@ -45,6 +45,7 @@ from torch import Tensor
 
 from calm_rt.data import CausalPreprocessor, PreprocessConfig
 from calm_rt.errors import ConfigError, DataError
+from calm_rt.live.device import DEVICE_CHOICES
 from calm_rt.live.readout import RidgeReadout
 from calm_rt.model import CalM, KVCache
 
@@ -63,7 +64,7 @@ class EngineConfig:
     horizon: int | None = None  # frames to forecast (<= the model's; default all)
     max_fill_frames: int = 8  # gaps up to this are filled exactly with missing frames
     max_gap_seconds: float = 2.0  # longer gaps are skipped up to this; beyond, the model resets
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or cuda:N (auto: cuda when available)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,12 @@ class EngineConfig:
             raise ConfigError(f"kind must be 'F' or 'dff', got {self.kind!r}")
         if self.max_gap_seconds < 0 or self.max_fill_frames < 0:
             raise ConfigError("max_gap_seconds and max_fill_frames must be >= 0")
+        device = str(self.device).lower()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.split(":", 1)[0] not in DEVICE_CHOICES[1:]:
+            raise ConfigError(f"device must be auto, cpu or cuda (cuda:N), got {self.device!r}")
+        object.__setattr__(self, "device", device)
 
     @property
     def max_gap_frames(self) -> int:
@@ -146,6 +153,13 @@ class StreamingEngine:
             dat.layers, self.patch, n, dat.heads, self.context, self.head_dim, self.device
         )
         self.window = torch.zeros(n, self.patch, device=self.device, dtype=torch.float32)
+        # Each frame's input reaches a GPU through one pinned host buffer (an
+        # asynchronous copy, no pageable bounce); on CPU there is nothing to move.
+        self._pinned = (
+            torch.empty(n, dtype=torch.float32, pin_memory=True)
+            if self.device.type == "cuda"
+            else None
+        )
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
@@ -239,7 +253,7 @@ class StreamingEngine:
 
         # Tokenizer: the window of the last P frames ending now.
         self.window = torch.roll(self.window, -1, dims=1)
-        self.window[:, -1] = torch.from_numpy(z_model).to(self.device)
+        self.window[:, -1] = self._to_device(z_model)
         tokens = self.model.tokenizer.tokenize_windows(self.window)  # [N]
         t2 = time.perf_counter()
 
@@ -248,8 +262,13 @@ class StreamingEngine:
         logits = self.model.dat.logits(hidden)  # [N, k, K]
         mean, std = self.model.forecast_from_logits(logits, self.table)
         behavior_pred = self._behavior(hidden, behavior)
-        forecast = mean[:, : self.horizon].cpu().numpy()  # the one host sync: outputs are read
-        spread = std[:, : self.horizon].cpu().numpy()
+        outputs = [mean[:, : self.horizon], std[:, : self.horizon], tokens]
+        if isinstance(behavior_pred, Tensor):
+            outputs.append(behavior_pred)
+        # The one host sync of a frame: every output comes back in one copy.
+        forecast, spread, tokens_host, *rest = self._to_host(outputs)
+        if rest:
+            behavior_pred = rest[0]
         t4 = time.perf_counter()
         pred = Prediction(
             seq=self.frame,
@@ -257,7 +276,7 @@ class StreamingEngine:
             forecast=forecast,
             forecast_std=spread,
             activity=z,
-            tokens=tokens.cpu().numpy(),
+            tokens=tokens_host,
             behavior=behavior_pred,
             missing=missing,
             filled=0,
@@ -273,6 +292,35 @@ class StreamingEngine:
         )
         self.frame += 1
         return pred
+
+    def _to_device(self, host: np.ndarray) -> Tensor:
+        """A frame's host input ``[N]`` on the engine's device (float32).
+
+        The engine's only host-to-device copy; tests on a fake CUDA device
+        replace this method (a real host tensor cannot reach a fake device).
+        """
+        src = torch.from_numpy(np.ascontiguousarray(host, dtype=np.float32))
+        if self._pinned is None:
+            return src.to(self.device)
+        # Safe to reuse: the previous frame's copy finished at its _to_host sync.
+        self._pinned.copy_(src)
+        return self._pinned.to(self.device, non_blocking=True)
+
+    def _to_host(self, tensors: list[Tensor]) -> list[np.ndarray]:
+        """Device outputs to host arrays, in one device-to-host copy (the frame's one sync).
+
+        Integer tensors (token ids, far below 2**24) travel as float32 and
+        come back as int64. Tests on a fake CUDA device replace this method.
+        """
+        if self.device.type == "cpu":
+            return [t.numpy() for t in tensors]
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors]).cpu().numpy()
+        out, start = [], 0
+        for t in tensors:
+            part = flat[start : start + t.numel()].reshape(t.shape)
+            out.append(part if t.is_floating_point() else part.astype(np.int64))
+            start += t.numel()
+        return out
 
     def _skip(self, frames: int) -> None:
         """Let ``frames`` frames pass uncomputed (their samples count as missing)."""
@@ -328,7 +376,8 @@ class StreamingEngine:
             self.readout, cal.r2, cal.active = self._pending, report["r2"], True  # type: ignore[assignment]
             self._cal_hidden, self._cal_y = [], []
 
-    def _behavior(self, hidden: Tensor, behavior: np.ndarray | None) -> np.ndarray | None:
+    def _behavior(self, hidden: Tensor, behavior: np.ndarray | None) -> np.ndarray | Tensor | None:
+        """Decoded behaviour ``[B]``: from the ridge readout (on the host), else the head (on the device)."""
         cal = self.calibration
         if cal is not None and not cal.active and behavior is not None:
             y = np.asarray(behavior, np.float32)
@@ -341,6 +390,6 @@ class StreamingEngine:
             return self.readout.predict(hidden.cpu()).numpy()
         head = self.model.behavior_head
         if head is not None:
-            out = head(hidden[None])[0] * self.model.behavior_std + self.model.behavior_mean
-            return out.cpu().numpy()
+            # Left on the device: it comes back with the frame's other outputs.
+            return head(hidden[None])[0] * self.model.behavior_std + self.model.behavior_mean
         return None
