@@ -123,6 +123,16 @@ class Calibration:
     active: bool = False
 
 
+def _on_device(model: CalM, device: torch.device) -> CalM:
+    """``model`` with its weights on ``device``: moved in place, unless they already are there."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(
+        t.device.type == device.type and device.index in (None, t.device.index) for t in tensors
+    ):
+        return model
+    return model.to(device)
+
+
 class StreamingEngine:
     """Per-frame incremental CalM inference with preallocated state.
 
@@ -135,7 +145,7 @@ class StreamingEngine:
     def __init__(self, model: CalM, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.model = model.to(self.device).eval()
+        self.model = _on_device(model, self.device).eval()
         mc = model.config
         self.patch = mc.patch
         self.context = mc.dat.context_tokens
@@ -155,11 +165,7 @@ class StreamingEngine:
         self.window = torch.zeros(n, self.patch, device=self.device, dtype=torch.float32)
         # Each frame's input reaches a GPU through one pinned host buffer (an
         # asynchronous copy, no pageable bounce); on CPU there is nothing to move.
-        self._pinned = (
-            torch.empty(n, dtype=torch.float32, pin_memory=True)
-            if self.device.type == "cuda"
-            else None
-        )
+        self._pinned: Tensor | None = None
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
@@ -300,8 +306,10 @@ class StreamingEngine:
         replace this method (a real host tensor cannot reach a fake device).
         """
         src = torch.from_numpy(np.ascontiguousarray(host, dtype=np.float32))
-        if self._pinned is None:
-            return src.to(self.device)
+        if self.device.type == "cpu":
+            return src
+        if self._pinned is None or self._pinned.shape != src.shape:
+            self._pinned = torch.empty(src.shape, dtype=torch.float32, pin_memory=True)
         # Safe to reuse: the previous frame's copy finished at its _to_host sync.
         self._pinned.copy_(src)
         return self._pinned.to(self.device, non_blocking=True)

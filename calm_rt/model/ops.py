@@ -9,7 +9,8 @@
   which runs the kernels in Triton's CPU interpreter - slow, for tests);
 * ``reference``: always the torch reference.
 
-float64 inputs always take the reference: the kernels accumulate in float32,
+Fake tensors (``FakeTensorMode``: device and shape checks without data)
+always take the reference. float64 inputs always take the reference: the kernels accumulate in float32,
 and float64 is what calm-rt uses when it must be exact (near-tie
 tokenisation). This module is the only place calm_rt reaches ``kernels``.
 """
@@ -21,6 +22,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from calm_rt.errors import ConfigError
 from kernels.reference import (
@@ -58,6 +60,10 @@ def _use_triton(x: torch.Tensor) -> bool:
     """Whether this call goes to the Triton kernel (``x`` is its first input)."""
     if not x.is_cuda and os.environ.get("CALM_RT_KERNELS", "auto") == "auto":
         return False  # the CPU hot path: one lookup, no validation needed
+    if isinstance(x, FakeTensor):
+        # Shapes and devices only (FakeTensorMode, tracing): a Triton launch
+        # would read memory that does not exist; the reference says the same.
+        return False
     mode = kernel_mode()
     if mode == "reference" or x.dtype not in _KERNEL_DTYPES:
         return False
