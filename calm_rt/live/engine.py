@@ -45,7 +45,6 @@ from torch import Tensor
 
 from calm_rt.data import CausalPreprocessor, PreprocessConfig
 from calm_rt.errors import ConfigError, DataError
-from calm_rt.live.device import DEVICE_CHOICES
 from calm_rt.live.readout import RidgeReadout
 from calm_rt.model import CalM, KVCache
 
@@ -79,7 +78,7 @@ class EngineConfig:
         device = str(self.device).lower()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.split(":", 1)[0] not in DEVICE_CHOICES[1:]:
+        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu or cuda (cuda:N), got {self.device!r}")
         object.__setattr__(self, "device", device)
 
