@@ -88,3 +88,16 @@ def test_a_kernel_import_failure_on_cuda_says_what_to_install(monkeypatch):
     monkeypatch.setattr(ops, "_import_kernels", lambda: (None, "ImportError: cannot import knobs"))
     with pytest.raises(ConfigError, match=r"triton>=3\.4,<3\.10.*CALM_RT_KERNELS=reference"):
         ops._kernels_or_raise()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a CUDA GPU")
+def test_gpu_check_without_a_gpu_says_why_in_one_line(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--json", str(tmp_path / "g.json")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU is usable here")
+    assert not (tmp_path / "g.json").exists()
