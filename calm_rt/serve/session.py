@@ -333,6 +333,10 @@ class SessionSetup:
         session = LiveSession(
             self.model, self.config, n, extractor, self.triggers, self.rois_source, with_neuropil
         )
+        if self.config.device != "cpu":
+            # On a GPU the kernels autotune for this neuron count on first use:
+            # do it here, on throwaway frames, not on the first answered one.
+            session.warm_up()
         if self.record is not None:
             session.start_recording(self.record)
         return session
