@@ -101,3 +101,18 @@ def test_gpu_check_without_a_gpu_says_why_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU is usable here")
     assert not (tmp_path / "g.json").exists()
+
+
+def test_replay_command_runs_the_engine_on_the_chosen_device(tmp_path):
+    from calm_rt.data import SimConfig, make_animal, read_npz, simulate_session, write_npz
+
+    cfg = SimConfig(neurons=12, frames=120, seed=3)
+    path = write_npz(tmp_path / "s.npz", simulate_session(cfg, make_animal(cfg, 0), 0)[0])
+    out = tmp_path / "replayed.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "calm_rt", "replay", str(path), "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "replayed 120 frames of 12 neurons on cpu" in proc.stdout
+    assert read_npz(out).n_frames == 120
