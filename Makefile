@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_INTERPRET ?= $(shell $(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)" 2>/dev/null || echo 1)
 export TRITON_INTERPRET
 
-.PHONY: install demo test test-fast bench lint format clean checkpoint
+.PHONY: install demo test test-fast bench gpu-check lint format clean checkpoint
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench --out bench-out
+
+# On a CUDA machine: compiled kernel tests, exactness on the GPU, the quick bench
+# and an end-to-end run at 1,024 neurons, into one JSON (docs/gpu.md). Without a
+# GPU it says so in one line and fails.
+gpu-check: install
+	$(PY) scripts/gpu_check.py --json gpu-check.json
 
 lint: install
 	$(VENV)/bin/ruff check calm_rt kernels napari_plugin bench scripts tests

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--checkpoint", type=Path, default=None, help="model checkpoint (default: shipped)"
     )
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto (cuda when a GPU is usable, default), cpu or cuda",
+    )  # fmt: skip
     ap.add_argument(
         "--e2e-neurons", type=int, default=256, help="neurons in the end-to-end case (default 256)"
     )
@@ -52,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         "--e2e-seconds", type=float, default=None, help="override each end-to-end run's length"
     )
     args = ap.parse_args(argv)
-    env = environment(args.device)
+    from calm_rt.errors import ConfigError
+    from calm_rt.live.device import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:  # --device cuda without a GPU: one line, non-zero
+        print(f"python -m bench: error: {exc}", file=sys.stderr)
+        return 2
+    env = environment(device)
     print(
         f"device: {env['device']} | torch {env['torch']} | {'quick' if args.quick else 'full'} run",
         flush=True,
@@ -78,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench.md").write_text(table + "\n")
         for png in write_plots(result, args.out):
             print(f"plot: {png}")
+    failed = [r["name"] for r in cases if "error" in r]
+    if failed:  # the JSON above still holds every case that ran
+        print(
+            f"python -m bench: {len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

@@ -211,7 +211,7 @@ def case_e2e(cfg: BenchConfig, log: Log) -> list[dict]:
     workdir = Path(tempfile.gettempdir()) / "calm-rt-bench"
     for fps, seconds in plans:
         summary = run_demo(seconds=seconds, neurons=neurons, size=size, fps=fps, checkpoint=cfg.checkpoint,
-                           workdir=workdir, log=log)  # fmt: skip
+                           workdir=workdir, log=log, device=cfg.device)  # fmt: skip
         row = {
             "name": "e2e" if fps == 30.0 else f"e2e {fps:g} Hz",
             "case": "e2e",
@@ -248,8 +248,21 @@ CASES: dict[str, Callable[..., list[dict]]] = {
 
 
 def run_cases(names: list[str] | None, cfg: BenchConfig, log: Log) -> list[dict]:
+    """Run the cases in order; a case that raises becomes one row with its ``error``.
+
+    A failing case (a driver error on a GPU, say) must not cost the figures
+    of the others: the run goes on and the JSON is still written.
+    """
+    import traceback
+
     rows: list[dict] = []
     for name in names or list(CASES):
         log(f"{name}: {CASES[name].__doc__.splitlines()[0]}")
-        rows.extend(CASES[name](cfg, log))
+        try:
+            rows.extend(CASES[name](cfg, log))
+        except Exception as exc:  # reported in the JSON and the exit status, never hidden
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log(f"  {name}: FAILED: {error}")
+            rows.append({"name": name, "case": name, "skipped": f"failed: {error}", "error": error,
+                         "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
     return rows

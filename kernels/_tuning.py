@@ -38,4 +38,6 @@ def autotune(
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key, do_bench=_no_bench)
     pruning = {"early_config_prune": prune} if prune is not None else None
-    return triton.autotune(configs=configs, key=key, prune_configs_by=pruning)
+    # cache_results: the chosen config goes to Triton's cache dir (keyed by the
+    # shapes, dtypes and GPU), so a restarted server does not tune again.
+    return triton.autotune(configs=configs, key=key, prune_configs_by=pruning, cache_results=True)

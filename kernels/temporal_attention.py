@@ -168,6 +168,14 @@ def _temporal_attention_step_kernel(
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NO_KEEP: dict[torch.device, torch.Tensor] = {}
+
+
+def _no_keep(device: torch.device) -> torch.Tensor:
+    """A one-byte uint8 placeholder for ``keep_ptr`` when there is no mask (one per device)."""
+    if device not in _NO_KEEP:
+        _NO_KEEP[device] = torch.ones(1, dtype=torch.uint8, device=device)
+    return _NO_KEEP[device]
 
 
 def _check_last_dim(name: str, t: torch.Tensor) -> None:
@@ -242,8 +250,11 @@ def temporal_attention_step_triton(
     cos, sin = cos.reshape(-1), sin.reshape(-1)  # views of the [1, d/2] tables
     if cos.stride(0) != 1 or sin.stride(0) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    # A bool tensor's bytes are 0/1: reinterpret, no copy.
-    keep_bytes = keep.view(torch.uint8) if keep is not None else cos
+    # A bool tensor's bytes are 0/1: reinterpret, no copy. Without a mask a
+    # one-byte placeholder of the same dtype goes in (never read): the
+    # autotuner keys on every argument's dtype, so passing another tensor
+    # here would tune all over again when the window fills (frame 48).
+    keep_bytes = keep.view(torch.uint8) if keep is not None else _no_keep(q.device)
     out = torch.empty(n, h, d, dtype=q.dtype, device=q.device)
     if n == 0:
         return out

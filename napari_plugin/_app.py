@@ -39,12 +39,19 @@ def pump(seconds: float, until: Any = None) -> bool:
 
 
 def run_live_demo(
-    neurons: int = 256, size: int = 512, fps: float = 30.0, checkpoint: Path | None = None
+    neurons: int = 256,
+    size: int = 512,
+    fps: float = 30.0,
+    checkpoint: Path | None = None,
+    device: str = "auto",
 ) -> int:
-    """Open napari on the embedded demo and block until its window is closed."""
+    """Open napari on the embedded demo and block until its window is closed.
+
+    ``device``: where the demo server's model runs (``auto``, ``cpu`` or ``cuda``).
+    """
     import napari
 
-    view = open_live_demo(neurons=neurons, size=size, fps=fps, checkpoint=checkpoint)
+    view = open_live_demo(neurons=neurons, size=size, fps=fps, checkpoint=checkpoint, device=device)
     try:
         napari.run()
     finally:

@@ -340,3 +340,29 @@ def test_engine_with_kernels_forced_equals_the_reference_path(monkeypatch):
         np.testing.assert_array_equal(ker.tokens, ref.tokens)
         np.testing.assert_allclose(ker.forecast, ref.forecast, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(ker.forecast_std, ref.forecast_std, atol=2e-5, rtol=1e-4)
+
+
+def test_temporal_tuning_key_does_not_change_when_the_window_fills(monkeypatch):
+    """The autotuner keys on every argument's dtype: ``keep`` present or not must not change them.
+
+    (It once passed the float64 ``cos`` for a missing mask and a uint8 view
+    otherwise, so a GPU tuned all over again, on a live frame, at frame 48.)
+    """
+    import kernels.temporal_attention as tmod
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(
+                tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+            )
+
+    monkeypatch.setattr(tmod, "_temporal_attention_step_kernel", Recorder())
+    n, h, c, d = 8, 2, 12, 16
+    q, k, v = torch.zeros(3, n, h, d).unbind(0)
+    k_cache, v_cache = torch.zeros(2, n, h, c, d).unbind(0)
+    cos = sin = torch.zeros(1, d // 2, dtype=torch.float64)
+    for keep in (torch.ones(c, dtype=torch.bool), None):
+        tmod.temporal_attention_step_triton(q, k, v, cos, sin, k_cache, v_cache, 3, keep)
+    assert len(seen) == 2 and seen[0] == seen[1]

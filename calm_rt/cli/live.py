@@ -52,6 +52,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="files a peer names over the control socket must lie here (default: working dir)",
     )  # fmt: skip
     _threads_arg(p)
+    _device_arg(p)
     p.add_argument(
         "--seconds", type=float, default=None, help="stop after this long (default: until stopped)"
     )
@@ -85,6 +86,13 @@ def _watch_process(pid: int, on_exit) -> None:
     threading.Thread(target=watch, name="calm-rt-exit-with", daemon=True).start()
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where the model runs: auto (a CUDA GPU when torch sees one, default), cpu or cuda",
+    )  # fmt: skip
+
+
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=None,
@@ -112,6 +120,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, fps=args.fps, kind=args.kind, horizon=args.horizon, rois=args.rois,
         record=args.record, triggers=rules, keys=CurveKeys.from_folder(args.keys) if args.keys else None,
         torch_threads=args.threads, max_lag_ms=args.max_lag_ms, data_dir=args.data_dir,
+        device=args.device,
     )  # fmt: skip
     server = Server(config).start()
     stop = lambda signum, frame: server.request_stop(f"signal {signum}")  # noqa: E731
@@ -341,6 +350,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         "--workdir", type=Path, default=Path("demo-out"), help="where the movie and ROIs go"
     )
     _threads_arg(p)
+    _device_arg(p)
 
 
 @command(
@@ -350,7 +360,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 )
 @arguments(_demo_args)
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from calm_rt.live.device import resolve_device
     from calm_rt.serve.demo import run_demo
+
+    device = resolve_device(args.device)  # fails here, before rendering, without a GPU
 
     if args.gui:
         run_live_demo = _gui_entry_point()
@@ -360,12 +373,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
         return run_live_demo(
-            neurons=args.neurons, size=args.size, fps=args.fps, checkpoint=args.checkpoint
-        )
+            neurons=args.neurons, size=args.size, fps=args.fps, checkpoint=args.checkpoint,
+            device=device,
+        )  # fmt: skip
     summary = run_demo(
         seconds=args.seconds, neurons=args.neurons, size=args.size, fps=args.fps,
         checkpoint=args.checkpoint, workdir=args.workdir, log=lambda m: print(m, flush=True),
-        threads=args.threads,
+        threads=args.threads, device=device,
     )  # fmt: skip
     summary.pop("latencies_ms", None)
     print(json.dumps(summary, indent=2))

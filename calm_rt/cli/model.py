@@ -197,7 +197,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--no-live", action="store_true",
         help="skip the calm_live row (replaying every session through the streaming engine)",
     )  # fmt: skip
+    _device_arg(p)
     _protocol_args(p)
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where the model runs: auto (a CUDA GPU when torch sees one, default), cpu or cuda",
+    )  # fmt: skip
 
 
 @command(
@@ -211,6 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from calm_rt.offline.baselines import CopyLast, LinearAR, POCOForecaster
     from calm_rt.offline.evaluate import evaluate
 
+    device = _eval_device(args.device)
     model, meta = load_checkpoint(args.checkpoint)
     prepared = _prepare(args.data, args)
     result = evaluate(
@@ -220,6 +229,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         live=not args.no_live,
     )  # fmt: skip
     result["checkpoint"] = str(args.checkpoint or "shipped default")
+    result["device"] = device
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(
@@ -243,6 +253,69 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for name, m in result["decoding"].items():
             print(f"  {name:<12}{m['r2']:>8.3f}")
     print(f"written to {args.json}")
+    return 0
+
+
+def _eval_device(spec: str) -> str:
+    """The device ``eval`` runs on: the CPU for now (``--device cuda`` is refused clearly).
+
+    The evaluation moves host batches straight into the model, so it runs
+    where they are; ``auto`` therefore means the CPU here until it moves
+    them (issue 17).
+    """
+    from calm_rt.errors import NotAvailableError
+    from calm_rt.live.device import resolve_device
+
+    device = resolve_device("cpu" if spec == "auto" else spec)  # no GPU: ConfigError
+    if device != "cpu":
+        raise NotAvailableError(
+            "eval on CUDA is not supported yet (the evaluation feeds host batches to the model); "
+            "run with --device cpu, or use `calm-rt replay --device cuda` for the live engine"
+        )
+    return device
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session", type=Path, help="a session file (npz, NWB, ...)")
+    p.add_argument("--out", type=Path, required=True, help="the replayed session file (npz)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint folder (default: shipped)"
+    )
+    p.add_argument("--fps", type=float, default=None, help="frame rate for formats that lack one")
+    p.add_argument(
+        "--horizon", type=int, default=None, help="frames to forecast (default: the model's)"
+    )
+    p.add_argument("--realtime", action="store_true", help="pace frames at the session's rate")
+    _device_arg(p)
+
+
+@command(
+    "replay",
+    "run a recorded session through the streaming engine, frame by frame, and save its outputs",
+    "calm-rt replay session.npz --out replayed.npz --device cuda",
+)
+@arguments(_replay_args)
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calm_rt.data import load_session
+    from calm_rt.live.device import resolve_device
+    from calm_rt.model import load_checkpoint
+    from calm_rt.offline import replay_session
+
+    device = resolve_device(args.device)  # --device cuda without a GPU: one line, exit 1
+    model, _ = load_checkpoint(args.checkpoint)
+    session = load_session(args.session, fps=args.fps)
+    result = replay_session(
+        session, model, out=args.out, realtime=args.realtime, horizon=args.horizon, device=device,
+        progress=lambda i, t: print(f"  {i}/{t} frames", flush=True),
+    )  # fmt: skip
+    step = result["step_ms"]
+    print(
+        f"replayed {session.n_frames} frames of {session.n_neurons} neurons on {device}: "
+        f"step p50 {np.percentile(step, 50):.3f} ms, p99 {np.percentile(step, 99):.3f} ms; "
+        f"written to {args.out}"
+    )
     return 0
 
 

@@ -73,7 +73,7 @@ class EngineConfig:
     horizon: int | None = None  # frames to forecast (<= the model's; default all)
     max_fill_frames: int = 8  # gaps up to this are filled exactly with missing frames
     max_gap_seconds: float = 2.0  # longer gaps are skipped up to this; beyond, the model resets
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or cuda:N (auto: cuda when available)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     # Fit a live forecast calibration in a background thread (seconds at hundreds of neurons)
     # so frames keep being answered; False fits it within the frame that completes it.
@@ -88,6 +88,12 @@ class EngineConfig:
             raise ConfigError(f"kind must be 'F' or 'dff', got {self.kind!r}")
         if self.max_gap_seconds < 0 or self.max_fill_frames < 0:
             raise ConfigError("max_gap_seconds and max_fill_frames must be >= 0")
+        device = str(self.device).lower()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu or cuda (cuda:N), got {self.device!r}")
+        object.__setattr__(self, "device", device)
 
     @property
     def max_gap_frames(self) -> int:
@@ -132,6 +138,16 @@ class Calibration:
     forecast_error: str | None = None  # why the forecasts could not be calibrated
 
 
+def _on_device(model: CalM, device: torch.device) -> CalM:
+    """``model`` with its weights on ``device``: moved in place, unless they already are there."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(
+        t.device.type == device.type and device.index in (None, t.device.index) for t in tensors
+    ):
+        return model
+    return model.to(device)
+
+
 class StreamingEngine:
     """Per-frame incremental CalM inference with preallocated state.
 
@@ -144,7 +160,7 @@ class StreamingEngine:
     def __init__(self, model: CalM, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.model = model.to(self.device).eval()
+        self.model = _on_device(model, self.device).eval()
         mc = model.config
         self.patch = mc.patch
         self.context = mc.dat.context_tokens
@@ -169,6 +185,9 @@ class StreamingEngine:
         self._fit_thread: threading.Thread | None = None
         self._fit_result: ForecastCalibration | DataError | None = None
         self._decode_lags = torch.tensor([HISTORY - 1 - lag for lag in DECODE_LAGS])
+        # Each frame's input reaches a GPU through one pinned host buffer (an
+        # asynchronous copy, no pageable bounce); on CPU there is nothing to move.
+        self._pinned: Tensor | None = None
         self.table = model.tokenizer.decode_table().detach()  # [K, P]
         self.readout: RidgeReadout | None = None
         self.calibration: Calibration | None = None
@@ -283,7 +302,7 @@ class StreamingEngine:
         # Tokenizer: the window of the last P frames ending now.
         z_now = torch.from_numpy(z_model)
         self.window = torch.roll(self.window, -1, dims=1)
-        self.window[:, -1] = z_now.to(self.device)
+        self.window[:, -1] = self._to_device(z_model)
         self.history = torch.roll(self.history, -1, dims=1)
         self.history[:, -1] = z_now
         tokens = self.model.tokenizer.tokenize_windows(self.window)  # [N]
@@ -293,19 +312,39 @@ class StreamingEngine:
         t3 = time.perf_counter()
         logits = self.model.dat.logits(hidden)  # [N, k, K]
         mean, std = self.model.forecast_from_logits(logits, self.table)
-        mean, std, hidden_host = mean.cpu(), std.cpu(), hidden.cpu()  # the one host sync
-        behavior_pred = self._behavior(hidden, mean, behavior)
+        head = self._head_behavior(hidden) if self.readout is None else None
+        calibrating = self.forecast_calibration is not None or self._forecast_recorder is not None
+        outputs = [
+            mean,
+            std,
+            tokens,
+            *([hidden] if calibrating else []),
+            *([head] if head is not None else []),
+        ]
+        # The one host sync of a frame: every output comes back in one copy.
+        mean_host, std_host, tokens_host, *rest = self._to_host(outputs)  # [N, H_model] each
+        hidden_host = torch.from_numpy(rest.pop(0)) if calibrating else None
+        behavior_pred = self._readout_behavior(mean_host, behavior)
+        if behavior_pred is None and head is not None:
+            behavior_pred = rest[0]
         if self._forecast_recorder is not None:
-            self._forecast_recorder.add(self.history[:, -1], mean, std, hidden_host)
+            self._forecast_recorder.add(
+                self.history[:, -1], torch.from_numpy(mean_host), torch.from_numpy(std_host),
+                hidden_host,
+            )  # fmt: skip
             if self.calibration is not None and not self.calibration.names:
                 self.calibration.frames = self._forecast_recorder.frames
             self._finish_forecast_calibration()
         cal = self.forecast_calibration
         calibrated = cal is not None and self.frame >= cal.context - 1
         if calibrated:
-            mean, std = cal.predict(self.history[:, -cal.context :], mean, std, hidden_host)
-        forecast = mean[:, : self.horizon].numpy()
-        spread = std[:, : self.horizon].numpy()
+            mean, std = cal.predict(
+                self.history[:, -cal.context :], torch.from_numpy(mean_host),
+                torch.from_numpy(std_host), hidden_host,
+            )  # fmt: skip
+            mean_host, std_host = mean.numpy(), std.numpy()
+        forecast = mean_host[:, : self.horizon]
+        spread = std_host[:, : self.horizon]
         t4 = time.perf_counter()
         pred = Prediction(
             seq=self.frame,
@@ -313,7 +352,7 @@ class StreamingEngine:
             forecast=forecast,
             forecast_std=spread,
             activity=z,
-            tokens=tokens.cpu().numpy(),
+            tokens=tokens_host,
             behavior=behavior_pred,
             missing=missing,
             filled=0,
@@ -330,6 +369,37 @@ class StreamingEngine:
         )
         self.frame += 1
         return pred
+
+    def _to_device(self, host: np.ndarray) -> Tensor:
+        """A frame's host input ``[N]`` on the engine's device (float32).
+
+        The engine's only host-to-device copy; tests on a fake CUDA device
+        replace this method (a real host tensor cannot reach a fake device).
+        """
+        src = torch.from_numpy(np.ascontiguousarray(host, dtype=np.float32))
+        if self.device.type == "cpu":
+            return src
+        if self._pinned is None or self._pinned.shape != src.shape:
+            self._pinned = torch.empty(src.shape, dtype=torch.float32, pin_memory=True)
+        # Safe to reuse: the previous frame's copy finished at its _to_host sync.
+        self._pinned.copy_(src)
+        return self._pinned.to(self.device, non_blocking=True)
+
+    def _to_host(self, tensors: list[Tensor]) -> list[np.ndarray]:
+        """Device outputs to host arrays, in one device-to-host copy (the frame's one sync).
+
+        Integer tensors (token ids, far below 2**24) travel as float32 and
+        come back as int64. Tests on a fake CUDA device replace this method.
+        """
+        if self.device.type == "cpu":
+            return [t.numpy() for t in tensors]
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors]).cpu().numpy()
+        out, start = [], 0
+        for t in tensors:
+            part = flat[start : start + t.numel()].reshape(t.shape)
+            out.append(part if t.is_floating_point() else part.astype(np.int64))
+            start += t.numel()
+        return out
 
     def _skip(self, frames: int) -> None:
         """Let ``frames`` frames pass uncomputed (their samples count as missing)."""
@@ -435,15 +505,16 @@ class StreamingEngine:
             self.readout, cal.r2, cal.active = readout, report["r2"], True  # type: ignore[assignment]
             self._cal_x, self._cal_y = [], []
 
-    def _behavior(
-        self, hidden: Tensor, token_mean: Tensor, behavior: np.ndarray | None
+    def _readout_behavior(
+        self, token_mean: np.ndarray, behavior: np.ndarray | None
     ) -> np.ndarray | None:
+        """Collect calibration frames; the calibrated ridge readout's behaviour ``[B]`` (host)."""
         cal = self.calibration
         collecting = cal is not None and cal.names and not cal.active and behavior is not None
         features = None
         if collecting or self.readout is not None:
             lagged = self.history[:, self._decode_lags]  # [N, L] activity now and at the lags
-            features = RidgeReadout().features(token_mean, lagged)
+            features = RidgeReadout().features(torch.from_numpy(token_mean), lagged)
         if collecting:
             y = np.asarray(behavior, np.float32)
             if y.shape != (len(cal.names),):
@@ -453,8 +524,11 @@ class StreamingEngine:
             self._collect(cal, features, y)  # type: ignore[arg-type]
         if self.readout is not None and features is not None:
             return self.readout.model.predict(features[None]).float()[0].numpy()
-        head = self.model.behavior_head
-        if head is not None:
-            out = head(hidden[None])[0] * self.model.behavior_std + self.model.behavior_mean
-            return out.cpu().numpy()
         return None
+
+    def _head_behavior(self, hidden: Tensor) -> Tensor | None:
+        """The checkpoint's behaviour head on ``hidden [N, W]``, left on the device (``[B]``)."""
+        head = self.model.behavior_head
+        if head is None:
+            return None
+        return head(hidden[None])[0] * self.model.behavior_std + self.model.behavior_mean

@@ -42,7 +42,9 @@ def rotary_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tenso
     recording) rotates as precisely as position 0: the streaming engine and
     the offline model then agree however long the session runs.
     """
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    # On the positions' device: a CPU table times CUDA positions is a device mismatch.
+    exps = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)
+    inv_freq = base ** (-exps / head_dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 

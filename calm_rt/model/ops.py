@@ -2,14 +2,16 @@
 
 ``CALM_RT_KERNELS`` forces a choice, read at every call:
 
-* ``auto`` (the default): the Triton kernel when the tensors are on CUDA and
-  Triton imports, the torch reference otherwise;
+* ``auto`` (the default): the Triton kernel when the tensors are on CUDA
+  (where a failed kernel import is a :class:`ConfigError` saying what to
+  install, never a silent fall-back), the torch reference otherwise;
 * ``triton``: always the kernel; fails with :class:`ConfigError` when it
   cannot run (Triton missing, or CPU tensors without ``TRITON_INTERPRET=1``,
   which runs the kernels in Triton's CPU interpreter - slow, for tests);
 * ``reference``: always the torch reference.
 
-float64 inputs always take the reference: the kernels accumulate in float32,
+Fake tensors (``FakeTensorMode``: device and shape checks without data)
+always take the reference. float64 inputs always take the reference: the kernels accumulate in float32,
 and float64 is what calm-rt uses when it must be exact (near-tie
 tokenisation). This module is the only place calm_rt reaches ``kernels``.
 """
@@ -21,6 +23,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from calm_rt.errors import ConfigError
 from kernels.reference import (
@@ -42,32 +45,57 @@ def kernel_mode() -> str:
     return mode
 
 
+# The Triton range the kernels are written for (pyproject's ``gpu`` extra says the same).
+TRITON_SPEC = "triton>=3.4,<3.10"
+
+
 @functools.cache
-def _kernels() -> ModuleType | None:
-    """The kernel modules, imported on first use (None when Triton is unavailable)."""
+def _import_kernels() -> tuple[ModuleType | None, str | None]:
+    """The kernel modules, imported on first use, or None and why not."""
     try:
         import kernels.codebook
         import kernels.neural_attention
         import kernels.temporal_attention
-    except ImportError:
-        return None
-    return kernels
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return kernels, None
+
+
+def _kernels() -> ModuleType | None:
+    """The kernel modules (None when Triton is unavailable or too old)."""
+    return _import_kernels()[0]
+
+
+def _kernels_or_raise() -> ModuleType:
+    """The kernel modules for CUDA tensors: never a silent fall-back to the references."""
+    mod, why = _import_kernels()
+    if mod is None:
+        raise ConfigError(
+            f"the Triton kernels cannot be imported on this CUDA machine ({why}); install "
+            f"`pip install '{TRITON_SPEC}'` (or `pip install 'calm-rt[gpu]'`), or set "
+            "CALM_RT_KERNELS=reference to run the torch references on the GPU"
+        )
+    return mod
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     """Whether this call goes to the Triton kernel (``x`` is its first input)."""
     if not x.is_cuda and os.environ.get("CALM_RT_KERNELS", "auto") == "auto":
         return False  # the CPU hot path: one lookup, no validation needed
+    if isinstance(x, FakeTensor):
+        # Shapes and devices only (FakeTensorMode, tracing): a Triton launch
+        # would read memory that does not exist; the reference says the same.
+        return False
     mode = kernel_mode()
     if mode == "reference" or x.dtype not in _KERNEL_DTYPES:
         return False
     if mode == "auto":
-        return x.is_cuda and _kernels() is not None
+        return x.is_cuda and _kernels_or_raise() is not None
     mod = _kernels()
     if mod is None:
         raise ConfigError(
-            "CALM_RT_KERNELS=triton but Triton cannot be imported: install it "
-            "(pip install triton) or set CALM_RT_KERNELS=auto"
+            f"CALM_RT_KERNELS=triton but the kernels cannot be imported ({_import_kernels()[1]}): "
+            f"install `pip install '{TRITON_SPEC}'` or set CALM_RT_KERNELS=auto"
         )
     # The kernels decided between compiling and interpreting when imported.
     if not x.is_cuda and not mod._tuning.INTERPRET:

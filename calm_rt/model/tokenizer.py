@@ -27,6 +27,9 @@ __all__ = ["NQTokenizer", "frame_windows", "rotary_matrices"]
 # re-tokenised in float64. float32 rounding is ~1e-7 relative, so 1e-5 is a
 # 100x safety factor; 1e-4 sent a quarter of all windows down the slow path.
 _TIE_MARGIN = 1e-5
+# Up to this many windows on a GPU, the tie re-check runs on every row (no
+# host sync); beyond (offline batches) only the near-ties are gathered.
+_SYNC_FREE_ROWS = 1 << 16
 
 
 class NQTokenizer(nn.Module):
@@ -82,7 +85,15 @@ class NQTokenizer(nn.Module):
         ids, _, margin = ops.codebook_lookup(codes, self.codebook, with_margin=True)
         if exact:
             dist_scale = 1.0 + codes.pow(2).sum(-1) + self.codebook.pow(2).sum(-1).max()
-            close = torch.nonzero(margin < _TIE_MARGIN * dist_scale).flatten()
+            near = margin < _TIE_MARGIN * dist_scale  # [M] bool
+            if near.device.type != "cpu" and near.shape[0] <= _SYNC_FREE_ROWS:
+                # On a GPU (the live step: one window per neuron) every row is
+                # also looked up in float64 and the near-ties take that answer:
+                # a data-dependent row count would be a host sync mid-frame.
+                twin = self._float64_twin()
+                exact_ids = ops.codebook_lookup(twin(windows.double()), twin.codebook)[0]
+                return torch.where(near, exact_ids, ids)
+            close = torch.nonzero(near).flatten()
             if close.numel():
                 twin = self._float64_twin()
                 ids[close] = ops.codebook_lookup(twin(windows[close].double()), twin.codebook)[0]

@@ -31,11 +31,14 @@ def replay_session(
     horizon: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     calibration: ForecastCalibration | None = None,
+    device: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """Run ``session`` through a fresh engine; optionally write the results to ``out``.
 
     With ``realtime=True`` frames are paced at the session's frame rate (as a
-    scope would deliver them); otherwise as fast as possible.
+    scope would deliver them); otherwise as fast as possible. ``device``:
+    where the engine runs (``cpu``, ``cuda``, or ``auto``: a CUDA GPU when
+    torch sees one); the model is moved there.
 
     Returns arrays: ``forecast`` / ``forecast_std`` ``[N, T, H]``, ``activity``
     ``[N, T]`` (normalised), ``tokens`` ``[N, T]``, ``step_ms`` ``[T]`` and,
@@ -44,7 +47,10 @@ def replay_session(
     session = validate_session(session)
     n, t = session.n_neurons, session.n_frames
     engine = StreamingEngine(
-        model, EngineConfig(n_neurons=n, fps=session.fps, kind=session.kind, horizon=horizon)
+        model,
+        EngineConfig(
+            n_neurons=n, fps=session.fps, kind=session.kind, horizon=horizon, device=device
+        ),
     )
     engine.set_forecast_calibration(calibration)
     h = engine.horizon

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from calm_rt.errors import ConfigError
+from calm_rt.live.device import resolve_device
 from calm_rt.wire.security import CurveKeys, check_bind_policy
 
 __all__ = ["ServiceConfig", "default_torch_threads"]
@@ -47,8 +48,12 @@ class ServiceConfig:
     # and trigger files) must lie inside this folder; None: the working directory.
     # What the person starting the server gives on the command line is not limited.
     data_dir: Path | None = None
+    # Where the model runs: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N.
+    # Resolved here, so `cuda` on a machine without a GPU fails before anything loads.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", resolve_device(self.device))
         if self.ingest_mode not in ("sub", "pull"):
             raise ConfigError(f"ingest_mode must be 'sub' or 'pull', got {self.ingest_mode!r}")
         if not (self.fps > 0):

@@ -101,6 +101,7 @@ class Demo:
         workdir: where the movie, ROIs and logs go; rendered movies are reused
             from there (None: a temporary folder, removed by :meth:`stop`).
         start_timeout_s: how long the server may take to load and warm up.
+        device: where the server's model runs (``auto``, ``cpu`` or ``cuda``).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class Demo:
         stream_frames: int | None = None,
         workdir: Path | None = None,
         start_timeout_s: float = 300.0,
+        device: str = "auto",
     ) -> None:
         self.neurons, self.size, self.frames, self.fps = neurons, size, frames, fps
         self.checkpoint, self.model, self.calibrate_s, self.seed = (
@@ -128,6 +130,7 @@ class Demo:
         )
         self.server_threads, self.stream_frames = server_threads, stream_frames
         self.start_timeout_s = start_timeout_s
+        self.device = device
         if triggers is None:
             triggers = (
                 {"name": "A", "neurons": list(range(min(4, neurons))), "window_ms": 300,
@@ -228,6 +231,7 @@ class Demo:
             cmd += ["--checkpoint", str(checkpoint)]
         if self.server_threads:
             cmd += ["--threads", str(self.server_threads)]
+        cmd += ["--device", self.device.split(":", 1)[0]]
         self._server_log = work / "server.log"
         with open(self._server_log, "wb") as out:
             self.server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -334,10 +338,12 @@ def run_demo(
     log: Callable[[str], None] = print,
     threads: int | None = None,
     calibrate_s: float = 0.0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run scope -> server -> rig on loopback for ``seconds``; return the summary.
 
-    ``threads``: torch threads of the server (default: all cores but one).
+    ``threads``: torch threads of the server (default: all cores but one);
+    ``device``: where the server's model runs (``auto``, ``cpu`` or ``cuda``).
     Long runs loop a 20 s movie: rendering and holding hours of 512x512
     frames buys nothing here.
     """
@@ -345,6 +351,7 @@ def run_demo(
     demo = Demo(
         neurons=neurons, size=size, frames=min(frames, 600), fps=fps, checkpoint=checkpoint,
         calibrate_s=calibrate_s, server_threads=threads, stream_frames=frames, workdir=workdir,
+        device=device,
     )  # fmt: skip
     log(f"rendering (or reusing) a simulated {size}x{size} movie of {neurons} neurons...")
     demo.start(stream=False)

@@ -216,6 +216,7 @@ class Server:
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 3),
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 3),
             "neurons": session.n_neurons if session is not None else None,
+            "device": self.config.device,
             "segmenting": self.compute.setup.segmenting,
             "rois": session.rois_source if session is not None else self.compute.setup.rois_source,
             "subscriptions": self.publisher.subscriptions,

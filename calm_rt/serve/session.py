@@ -76,7 +76,11 @@ class LiveSession:
         self.engine = StreamingEngine(
             model,
             EngineConfig(
-                n_neurons=n_neurons, fps=config.fps, kind=config.kind, horizon=config.horizon
+                n_neurons=n_neurons,
+                fps=config.fps,
+                kind=config.kind,
+                horizon=config.horizon,
+                device=config.device,
             ),
         )
         triggers.bind(n_neurons)  # rules given before the session now meet its neurons
@@ -270,7 +274,10 @@ class SessionSetup:
     def warm_up_model(self) -> None:
         """Warm the model's per-frame path on a throwaway engine (the session is not known yet)."""
         engine = StreamingEngine(
-            self.model, EngineConfig(n_neurons=8, fps=self.config.fps, kind=self.config.kind)
+            self.model,
+            EngineConfig(
+                n_neurons=8, fps=self.config.fps, kind=self.config.kind, device=self.config.device
+            ),
         )
         rng = np.random.default_rng(0)
         for t in range(2 * self.model.config.context_frames):
@@ -326,6 +333,10 @@ class SessionSetup:
         session = LiveSession(
             self.model, self.config, n, extractor, self.triggers, self.rois_source, with_neuropil
         )
+        if self.config.device != "cpu":
+            # On a GPU the kernels autotune for this neuron count on first use:
+            # do it here, on throwaway frames, not on the first answered one.
+            session.warm_up()
         if self.record is not None:
             session.start_recording(self.record)
         return session
