@@ -253,3 +253,64 @@ def test_an_oversized_request_is_dropped_and_the_socket_keeps_answering(served):
         big.close(0)
         ctx.term()
     assert _ask(ctl, {"cmd": "status"})["ok"]
+
+
+# Runs `calm-rt serve` (the real CLI path) with one fault injected: the session's
+# frame handler raises on frame 20, inside the real compute thread.
+_CRASHING_SERVE = """
+import sys
+from calm_rt.serve import session
+original = session.LiveSession.process
+def process(self, msg, dropped_before=0):
+    if msg.seq == 20:
+        raise RuntimeError("injected fault")
+    return original(self, msg, dropped_before)
+session.LiveSession.process = process
+from calm_rt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_service_thread_exits_70_with_the_reason_and_a_readable_recording(model, tmp_path):
+    import subprocess
+    import sys
+
+    from calm_rt.model import save_checkpoint
+    from calm_rt.serve import EXIT_CRASH
+
+    save_checkpoint(model, tmp_path / "ckpt")
+    ingest, pub, ctl = free(), free(), free()
+    rec = tmp_path / "rec.h5"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_SERVE, "serve", "--ingest", ingest, "--ingest-mode", "pull",
+         "--publish", pub, "--control", ctl, "--checkpoint", str(tmp_path / "ckpt"),
+         "--record", str(rec), "--max-lag-ms", str(NO_DROPS)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(ingest)
+    statuses: list[dict] = []
+    try:
+        with RigClient(
+            pub, ("status",), callbacks={"status": lambda m: statuses.append(m.header)}
+        ) as rig:
+            rig.run(seconds=120, until=lambda: bool(statuses))  # the server is up
+            rng = np.random.default_rng(3)
+            for t in range(30):
+                push.send_multipart(_frame(t, rng))
+            rig.run(seconds=120, until=lambda: bool(statuses) and "error" in statuses[-1])
+        out, err = proc.communicate(timeout=120)
+    finally:
+        push.close(0)
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_CRASH, err[-3000:]
+    assert "Traceback" in err and "injected fault" in err
+    final = json.loads(out.strip().splitlines()[-1])
+    assert "compute thread failed" in final["error"] and "injected fault" in final["stopped"]
+    assert "injected fault" in statuses[-1]["error"]  # the rigs heard why
+    back = read_recording(rec)  # closed cleanly: every frame answered before the fault
+    assert back.n_frames == 20
