@@ -264,3 +264,26 @@ def test_memory_is_flat_over_a_100k_frame_replay():
     # (a leak of 25 bytes a frame would add 1 MB there).
     assert end[0] - settled[0] < 4.0, f"RSS {settled[0]:.1f} -> {end[0]:.1f} MB"
     assert end[0] - halfway[0] < 1.0, f"RSS {halfway[0]:.1f} -> {end[0]:.1f} MB"
+
+
+def test_a_bad_sample_changes_no_state(model, session):
+    """A wrong-length behaviour or neuropil sample (after a gap) is refused before anything moves."""
+    cfg = EngineConfig(n_neurons=24, fps=30.0)
+    names = ("a", "b", "c")
+    clean, hit = StreamingEngine(model, cfg), StreamingEngine(model, cfg)
+    for engine in (clean, hit):
+        engine.start_calibration(seconds=10.0, names=names)
+    for t in range(40):
+        kw = dict(seq=t, neuropil=session.neuropil[:, t], behavior=session.behavior[t])
+        clean.step(session.traces[:, t], **kw)
+        hit.step(session.traces[:, t], **kw)
+    t = 42  # a gap of two frames: filling it would move the caches
+    with pytest.raises(DataError, match="behaviour"):
+        hit.step(session.traces[:, t], seq=t, neuropil=session.neuropil[:, t], behavior=np.zeros(2))
+    with pytest.raises(DataError, match="neuropil"):
+        hit.step(session.traces[:, t], seq=t, neuropil=np.zeros(5), behavior=session.behavior[t])
+    kw = dict(seq=t, neuropil=session.neuropil[:, t], behavior=session.behavior[t])
+    a, b = clean.step(session.traces[:, t], **kw), hit.step(session.traces[:, t], **kw)
+    assert a.filled == b.filled == 2 and a.frame == b.frame
+    np.testing.assert_array_equal(a.forecast, b.forecast)
+    assert clean.calibration.frames == hit.calibration.frames

@@ -6,7 +6,6 @@ Run under an X server: ``QT_QPA_PLATFORM=xcb xvfb-run -a python -m pytest -m gui
 from __future__ import annotations
 
 import gc
-import time
 import weakref
 from pathlib import Path
 
@@ -93,8 +92,10 @@ def _click(viewer, position) -> None:
 
 
 def _check_live(view: LiveView, viewer, qtbot) -> None:
-    """Within 2 s of connecting: image, ROI colours and status; then selection, plots, triggers."""
-    t0 = time.monotonic()
+    """Once connected: image, ROI colours and status; then selection, plots, triggers.
+
+    No wall-clock bound: a loaded CI machine took 2.3 s (issue 15); time is for the bench.
+    """
 
     def live() -> bool:
         labels, image = view.layer(ROIS), view.layer(FRAME)
@@ -102,8 +103,7 @@ def _check_live(view: LiveView, viewer, qtbot) -> None:
         painted = any(k and not np.allclose(c, (0.5, 0.5, 0.5, 1.0)) for k, c in colours.items())
         return image is not None and painted and view.status_label.text().startswith("connected")
 
-    qtbot.waitUntil(live, timeout=2000)
-    assert time.monotonic() - t0 < 2.0
+    qtbot.waitUntil(live, timeout=60_000)
     assert view.layer(FRAME).data.shape == (64, 64)
     assert view.layer(ROIS).data.shape == (64, 64) and view.layer(ROIS).data.max() == 10
 

@@ -57,6 +57,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--seconds", type=float, default=None, help="stop after this long (default: until stopped)"
     )
     _exit_with_arg(p)
+    p.epilog = (p.epilog or "") + (
+        "\n\nexit status: 0 when stopped by `shutdown`, SIGINT, SIGTERM or --seconds; 1 a bad\n"
+        "option at start; 70 (EX_SOFTWARE) when a service thread died (the traceback is\n"
+        "logged, the recording closed, a final status published with the reason)."
+    )
 
 
 def _exit_with_arg(p: argparse.ArgumentParser) -> None:

@@ -262,6 +262,17 @@ class StreamingEngine:
             raise DataError(
                 f"frame values must be numeric, got dtype {traces.dtype}", field="traces"
             )
+        # Every input is checked before any state moves (gap filling advances the caches).
+        if neuropil is not None and np.shape(neuropil) != (self.n,):
+            raise DataError(
+                f"neuropil has shape {np.shape(neuropil)}, expected ({self.n},)", field="neuropil"
+            )
+        cal = self.calibration
+        if behavior is not None and cal is not None and not cal.active:
+            if np.shape(behavior) != (len(cal.names),):
+                raise DataError(
+                    f"behaviour sample has shape {np.shape(behavior)}, expected ({len(cal.names)},)"
+                )
         filled, skipped, reset = 0, 0, self.frame == 0
         if seq is not None and self.expected_seq is not None:
             if seq < self.expected_seq:

@@ -15,6 +15,7 @@ threshold instead.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,25 +43,40 @@ class TriggerRule:
         unknown = set(data) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ConfigError(f"unknown trigger field(s) {sorted(unknown)}; see docs/protocol.md")
-        try:
-            rule = cls(
-                name=str(data["name"]),
-                neurons=tuple(int(i) for i in data["neurons"]),
-                window_ms=float(data.get("window_ms", 300.0)),
-                threshold=float(data.get("threshold", 2.0)),
-                refractory_ms=float(data.get("refractory_ms", 500.0)),
-                direction=str(data.get("direction", "above")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+        name, neurons = data.get("name"), data.get("neurons")
+        if not isinstance(name, str) or not name:
             raise ConfigError(
-                f"bad trigger rule {data}: {exc!r}; it needs 'name' and 'neurons'"
-            ) from exc
-        if not rule.name or not rule.neurons:
-            raise ConfigError("a trigger rule needs a non-empty 'name' and at least one neuron")
+                f"a trigger rule needs 'name' (a non-empty string), got {_short(name)}"
+            )
+        # Exact types, not coercion: int(True) or int(1.7) would watch a neuron nobody named.
+        if isinstance(neurons, np.ndarray):
+            neurons = neurons.tolist()
+        if not isinstance(neurons, (list, tuple)) or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in neurons
+        ):
+            raise ConfigError(
+                f"rule {name!r}: 'neurons' must be a list of neuron indices (integers), "
+                f"got {_short(neurons)}"
+            )
+        if not neurons:
+            raise ConfigError(f"rule {name!r}: a trigger rule needs at least one neuron")
+        numbers = {}
+        for key, default in (("window_ms", 300.0), ("threshold", 2.0), ("refractory_ms", 500.0)):
+            value = data.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"rule {name!r}: {key!r} must be a number, got {_short(value)}")
+            number = float(value) if isinstance(value, float) or abs(value) < 2**53 else math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"rule {name!r}: {key!r} must be finite, got {_short(value)}")
+            numbers[key] = number
+        direction = data.get("direction", "above")
+        if direction not in ("above", "below"):
+            raise ConfigError(f"direction must be 'above' or 'below', got {_short(direction)}")
+        rule = cls(
+            name=name, neurons=tuple(int(i) for i in neurons), direction=direction, **numbers
+        )
         if rule.window_ms <= 0 or rule.refractory_ms < 0:
             raise ConfigError("window_ms must be > 0 and refractory_ms >= 0")
-        if rule.direction not in ("above", "below"):
-            raise ConfigError(f"direction must be 'above' or 'below', got {rule.direction!r}")
         return rule
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +107,7 @@ class TriggerSet:
         if min(rule.neurons) < 0 or (n is not None and max(rule.neurons) >= n):
             bound = f"[0, {n})" if n is not None else ">= 0"
             raise ConfigError(
-                f"rule {rule.name!r}: neuron indices must be in {bound}, got {list(rule.neurons)}"
+                f"rule {rule.name!r}: neuron indices must be in {bound}, got {_short(list(rule.neurons))}"
             )
 
     def add(self, rule: TriggerRule) -> None:
@@ -128,6 +144,12 @@ class TriggerSet:
                 self.fired += 1
                 events.append(TriggerEvent(rule.name, seq, value, rule.threshold, frames))
         return events
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a peer's value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_rules(path: str | Path) -> list[TriggerRule]:

@@ -60,32 +60,51 @@ class Endpoints:
         return secret, public
 
 
+# Samples kept per topic: an hour at 30 Hz. Older ones fall out (a rig runs for days).
+WINDOW = 100_000
+
+
 @dataclass
 class LatencyStats:
-    """Per-topic receive statistics in milliseconds."""
+    """Per-topic receive statistics in milliseconds, over the last :data:`WINDOW` messages.
+
+    Latency percentiles use the rolling window; ``received``, ``gaps`` and
+    ``in_order`` count every message since the start (constant memory).
+    """
 
     end_to_end_ms: deque = field(
-        default_factory=lambda: deque(maxlen=100_000)
+        default_factory=lambda: deque(maxlen=WINDOW)
     )  # rig receive - scope acquisition
-    server_ms: deque = field(
-        default_factory=lambda: deque(maxlen=100_000)
-    )  # publish - arrival at the server
-    seqs: list = field(default_factory=list)
+    server_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # publish - arrival
+    seqs: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    received: int = 0
+    gaps: int = 0  # sequence numbers skipped between consecutive messages
+    out_of_order: int = 0
+    first_seq: int | None = None
+
+    def add_seq(self, seq: int) -> None:
+        """Count one message's sequence number."""
+        if self.seqs:
+            step = seq - self.seqs[-1]
+            self.gaps += max(0, step - 1)
+            self.out_of_order += step <= 0
+        else:
+            self.first_seq = seq
+        self.seqs.append(seq)
+        self.received += 1
 
     def summary(self, samples: bool = False) -> dict[str, Any]:
         e2e, srv = np.asarray(self.end_to_end_ms), np.asarray(self.server_ms)
-        seqs = np.asarray(self.seqs)
-        gaps = int((np.diff(seqs) - 1).clip(min=0).sum()) if seqs.size > 1 else 0
 
         def pct(values: np.ndarray, q: float) -> float | None:
             return float(np.percentile(values, q)) if values.size else None
 
         return {
-            "received": int(seqs.size),
-            "first_seq": int(seqs[0]) if seqs.size else None,
-            "last_seq": int(seqs[-1]) if seqs.size else None,
-            "gaps": gaps,
-            "in_order": bool(seqs.size < 2 or (np.diff(seqs) > 0).all()),
+            "received": self.received,
+            "first_seq": self.first_seq,
+            "last_seq": int(self.seqs[-1]) if self.seqs else None,
+            "gaps": self.gaps,
+            "in_order": self.out_of_order == 0,
             "p50_ms": pct(e2e, 50),
             "p90_ms": pct(e2e, 90),
             "p99_ms": pct(e2e, 99),
@@ -150,7 +169,7 @@ class RigClient:
             return None
         st = self.stats_by_topic.get(msg.topic)
         if st is not None and msg.topic != "status":
-            st.seqs.append(msg.seq)
+            st.add_seq(msg.seq)
             if "t_acq" in msg.header:
                 st.end_to_end_ms.append((now - msg.header["t_acq"]) * 1e3)
             if "t_publish" in msg.header and "t_arrival" in msg.header:

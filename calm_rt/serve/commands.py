@@ -29,7 +29,15 @@ from calm_rt.model import CalM, load_checkpoint
 from calm_rt.serve.config import ServiceConfig
 from calm_rt.serve.session import LiveSession
 
-__all__ = ["COMMANDS", "Arg", "Command", "CommandTarget", "resolve_peer_path", "run_command"]
+__all__ = [
+    "COMMANDS",
+    "Arg",
+    "Command",
+    "CommandTarget",
+    "probe_new_file",
+    "resolve_peer_path",
+    "run_command",
+]
 
 log = logging.getLogger("calm_rt.serve")
 
@@ -87,16 +95,33 @@ class Command:
     doc: str
 
 
+MAX_NAME = 200  # characters in a name a peer gives (a rule, a behaviour variable)
+MAX_NAMES = 256  # behaviour variables one calibration may name
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a peer's value may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def resolve_peer_path(root: Path, value: Any, kind: str, field: str) -> Path:
     """``value`` as a path inside ``root``, checked for ``kind`` (``existing`` or ``new_file``)."""
-    if not isinstance(value, str) or not value or "\x00" in value:
-        raise ConfigError(f"{field!r} must be a non-empty path string, got {value!r}")
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
+        raise ConfigError(f"{field!r} must be a non-empty path string, got {_short(value)}")
+    try:
+        return _check_path(root, value, kind, field)
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop, no permission
+        raise ConfigError(f"{field!r}: cannot use {_short(value)} as a path ({exc})") from exc
+
+
+def _check_path(root: Path, value: str, kind: str, field: str) -> Path:
     path = Path(value)
     path = (path if path.is_absolute() else root / path).resolve()
     if not path.is_relative_to(root):
         raise ConfigError(
-            f"{field!r}: {value} is outside the server's data folder {root}; name a file inside "
-            "it (the server's --data-dir)"
+            f"{field!r}: {_short(value)} is outside the server's data folder {root}; name a file "
+            "inside it (the server's --data-dir)"
         )
     if kind == "existing":
         if not path.exists():
@@ -109,9 +134,26 @@ def resolve_peer_path(root: Path, value: Any, kind: str, field: str) -> Path:
     parent = path.parent
     if not parent.is_dir():
         raise ConfigError(f"{field!r}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field!r}: the folder {parent} is not writable by the server")
+    probe_new_file(path, field)
     return path
+
+
+def probe_new_file(path: Path, field: str = "path") -> None:
+    """Create ``path`` and remove it again: whether the server can write it, asked now.
+
+    ``os.access`` misses a read-only mount, a full quota and other
+    filesystems' rules; creating the file answers for all of them, at request
+    time rather than at the first frame, when nobody is there to hear it.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise ConfigError(
+            f"{field!r}: the server cannot create {path} ({exc.strerror or exc}); "
+            "choose a writable folder inside its data folder"
+        ) from exc
+    os.close(fd)
+    os.unlink(path)
 
 
 def _parse(name: str, command: Command, request: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -130,23 +172,31 @@ def _parse(name: str, command: Command, request: dict[str, Any], root: Path) -> 
         value = request[arg.name]
         where = f"{name}: {arg.name!r}"
         if arg.kind == "str":
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+            if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+                raise ConfigError(
+                    f"{where} must be a non-empty string of at most {MAX_NAME} characters, "
+                    f"got {_short(value)}"
+                )
         elif arg.kind == "number":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{where} must be a number, got {value!r}")
-            value = float(value)
-            if not (math.isfinite(value) and arg.low <= value <= arg.high):
-                raise ConfigError(f"{where} must be in [{arg.low:g}, {arg.high:g}], got {value!r}")
+                raise ConfigError(f"{where} must be a number, got {_short(value)}")
+            # float() of a 400-digit JSON integer raises OverflowError: out of range anyway.
+            number = float(value) if isinstance(value, float) or abs(value) < 2**53 else math.inf
+            if not (math.isfinite(number) and arg.low <= number <= arg.high):
+                raise ConfigError(
+                    f"{where} must be in [{arg.low:g}, {arg.high:g}], got {_short(value)}"
+                )
+            value = number
         elif arg.kind == "names":
             if (
                 not isinstance(value, list)
-                or not value
-                or not all(isinstance(v, str) and v for v in value)
+                or not 0 < len(value) <= MAX_NAMES
+                or not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME for v in value)
                 or len(set(value)) != len(value)
             ):
                 raise ConfigError(
-                    f"{where} must be a list of distinct non-empty names, got {value!r}"
+                    f"{where} must be a list of 1 to {MAX_NAMES} distinct non-empty names "
+                    f"(at most {MAX_NAME} characters each), got {_short(value)}"
                 )
             value = tuple(value)
         elif arg.kind == "rule":
@@ -167,7 +217,7 @@ def run_command(compute: CommandTarget, request: dict[str, Any]) -> dict[str, An
     if command is None:
         return {
             "ok": False,
-            "error": f"unknown command {name!r}; commands: {', '.join(COMMANDS)}, shutdown",
+            "error": f"unknown command {_short(name)}; commands: {', '.join(COMMANDS)}, shutdown",
         }
     try:
         args = _parse(name, command, request, compute.config.peer_files_root)
@@ -212,6 +262,8 @@ def _set_rois(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
 
     _refuse_while_recording(c, "set_rois")
     rois = load_rois(args["path"])
+    for rule in c.triggers.rules.values():  # the new session must fit every rule, or none changes
+        c.triggers.check(rule, rois.n_rois)
     c.replace_setup(rois=rois, rois_source=str(args["path"]))
     return {"rois": rois.n_rois}
 
@@ -222,7 +274,10 @@ def _start_recording(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"'path': a recording is HDF5; name it *.h5, got {path.name}")
     if c.recording is not None:
         raise ConfigError(f"already recording to {c.recording}; send stop_recording first")
-    c.start_recording(path)
+    try:
+        c.start_recording(path)
+    except OSError as exc:  # the file could not be created after all (a race, a full disk)
+        raise ConfigError(f"cannot record to {path}: {exc}") from exc
     return {"path": str(path)}
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calm_rt.errors import DataError, ProtocolError
+from calm_rt.errors import CalmError
 from calm_rt.extract import Footprints
 from calm_rt.live import TriggerRule, TriggerSet
 from calm_rt.model import CalM
@@ -173,7 +173,7 @@ class Compute:
                     return  # the frame went to the segmentation
             assert self.session is not None
             answer = self.session.process(msg, dropped_before)
-        except (DataError, ProtocolError) as exc:
+        except CalmError as exc:  # incl. ConfigError: rules that do not fit a new session's neurons
             self.counters.reject(str(exc))
             return
         self.counters.answered += 1

@@ -16,9 +16,12 @@ import zmq
 
 from calm_rt.serve.compute import Counters, Inbox
 
-__all__ = ["Control"]
+__all__ = ["MAX_REQUEST_BYTES", "Control"]
 
 REPLY_TIMEOUT_S = 10.0
+# A request is a small JSON object; ZeroMQ drops (and never buffers) anything larger,
+# so a peer cannot make the server hold gigabytes.
+MAX_REQUEST_BYTES = 1 << 20
 
 
 class Control:
@@ -36,7 +39,7 @@ class Control:
         self._shutdown = shutdown
 
     def run(self, ready: Callable[[], None], stop: threading.Event) -> None:
-        sock = self._make_socket()
+        sock = self._make_socket()  # made with MAXMSGSIZE (it only acts when set before bind)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:
@@ -46,15 +49,26 @@ class Control:
                     continue
                 request = self._parse(sock.recv())
                 if "error" in request:
-                    sock.send_json({"ok": False, "error": request["error"]})
+                    self._reply(sock, {"ok": False, "error": request["error"]})
                     continue
                 if request["cmd"] == "shutdown":
-                    sock.send_json({"ok": True, "stopping": True})
+                    self._reply(sock, {"ok": True, "stopping": True})
                     self._shutdown()
                     break
-                sock.send_json(self.ask(request))
+                self._reply(sock, self.ask(request))
         finally:
             sock.close()
+
+    @staticmethod
+    def _reply(sock: zmq.Socket, reply: dict[str, Any]) -> None:
+        """Send ``reply``; one that is not JSON still gets an answer (REP must answer each request)."""
+        try:
+            raw = json.dumps(reply).encode()
+        except (TypeError, ValueError) as exc:
+            raw = json.dumps(
+                {"ok": False, "error": f"internal error: the reply is not JSON ({exc})"}
+            ).encode()
+        sock.send(raw)
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:

@@ -41,7 +41,7 @@ from calm_rt.errors import ConfigError
 from calm_rt.model import CalM, load_checkpoint
 from calm_rt.serve.compute import Compute, Counters, Inbox
 from calm_rt.serve.config import ServiceConfig, default_torch_threads
-from calm_rt.serve.control import Control
+from calm_rt.serve.control import MAX_REQUEST_BYTES, Control
 from calm_rt.serve.ingest import Ingest
 from calm_rt.serve.publish import Outbox, Publisher
 from calm_rt.wire import CurveServer, encode
@@ -80,7 +80,8 @@ class Server:
             self.outbox, lambda: self._socket(zmq.XPUB, config.publish, True)
         )
         self.control = Control(
-            self.inbox, self.counters, lambda: self._socket(zmq.REP, config.control, True),
+            self.inbox, self.counters,
+            lambda: self._socket(zmq.REP, config.control, True, {zmq.MAXMSGSIZE: MAX_REQUEST_BYTES}),
             shutdown=lambda: self.request_stop("shutdown command"),
         )  # fmt: skip
         self._curve: CurveServer | None = None
@@ -185,9 +186,13 @@ class Server:
         """Run a control command in-process (as the control socket would)."""
         return self.control.ask(request)
 
-    def _socket(self, kind: int, endpoint: str, bind: bool) -> zmq.Socket:
+    def _socket(
+        self, kind: int, endpoint: str, bind: bool, options: dict[int, int] | None = None
+    ) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 200)
+        for option, value in (options or {}).items():  # before bind: some act only on new peers
+            sock.setsockopt(option, value)
         try:
             if self._curve is not None and bind:
                 self._curve.secure(sock)

@@ -139,6 +139,10 @@ def decode(frames: Sequence[Any]) -> Message:
         header = json.loads(bytes(head_view).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from exc
+    except RecursionError as exc:  # "[[[[...": 64 KiB of brackets nest deeper than Python recurses
+        raise ProtocolError("header JSON is nested too deeply") from exc
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ProtocolError(f"header is not acceptable JSON: {str(exc)[:120]}") from exc
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     version = header.get("v")
@@ -149,13 +153,20 @@ def decode(frames: Sequence[Any]) -> Message:
     if header.get("type") != topic:
         raise ProtocolError(f"header type {header.get('type')!r} does not match topic {topic!r}")
     seq = header.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise ProtocolError(f"'seq' must be a non-negative integer, got {seq!r}")
+    # Bounded: a recording stores seq as int64.
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
+        raise ProtocolError(
+            f"'seq' must be a non-negative integer below 2**63, got {str(seq)[:40]}"
+        )
     for key in ("t_acq", "t_sent", "t_arrival", "t_publish"):
         if key in header and not (
-            isinstance(header[key], (int, float)) and math.isfinite(header[key])
+            isinstance(header[key], (int, float))
+            and not isinstance(header[key], bool)
+            and abs(header[key]) < 1e15  # also keeps a 400-digit integer out of float()
         ):
-            raise ProtocolError(f"{key!r} must be a finite number of seconds, got {header[key]!r}")
+            raise ProtocolError(
+                f"{key!r} must be a finite number of seconds, got {str(header[key])[:40]}"
+            )
     specs = header.get("buffers")
     if not isinstance(specs, list):
         raise ProtocolError("'buffers' must be a list of {name, dtype, shape}")
