@@ -56,6 +56,7 @@ class LiveSession:
         triggers: the server's rules, validated here against ``n_neurons``.
         rois_source: where the ROIs came from (for status).
         with_neuropil: whether neuropil traces arrive (recorded when they do).
+        footprints: the ROIs of a raw-frame session (stored in recordings).
     """
 
     def __init__(
@@ -67,8 +68,10 @@ class LiveSession:
         triggers: TriggerSet,
         rois_source: str | None,
         with_neuropil: bool,
+        footprints: Footprints | None = None,
     ) -> None:
         self.model = model
+        self.footprints = footprints
         self.config = config
         self.extractor = extractor
         self.rois_source = rois_source
@@ -110,6 +113,8 @@ class LiveSession:
         self.recorder = Recorder(
             path, self.n_neurons, self.config.fps, self.engine.horizon, self.config.kind,
             len(self.model.config.behavior_names), self.with_neuropil,
+            footprints=self.footprints if self.extractor is not None else None,
+            behavior_pred_names=self.behavior_names,
         )  # fmt: skip
 
     def stop_recording(self) -> Path | None:
@@ -128,7 +133,7 @@ class LiveSession:
 
     def process(self, msg: Message, dropped_before: int = 0) -> Answer:
         """Answer one frame; ``dropped_before``: older frames the server dropped unanswered."""
-        traces, neuropil, flags = self._traces(msg)
+        traces, neuropil, flags, shift = self._traces(msg)
         expected = self.engine.expected_seq
         # Frames we dropped for being behind are skipped, not filled: filling costs a
         # model step each, and would keep an overloaded server behind for good.
@@ -151,12 +156,17 @@ class LiveSession:
             )
         for event in self.triggers.evaluate(pred.forecast, self.config.fps, msg.seq, time.time()):
             answer.triggers += 1
+            if self.recorder is not None:
+                self.recorder.add_trigger(
+                    event.seq, time.time(), event.rule, event.value, event.threshold,
+                    event.lead_frames,
+                )  # fmt: skip
             answer.messages.append(
                 encode("trigger", {**head, "rule": event.rule, "value": event.value,
                                    "threshold": event.threshold, "lead_frames": event.lead_frames})
             )  # fmt: skip
         if self.recorder is not None:
-            self._record(msg, traces, neuropil, pred)
+            self._record(msg, traces, neuropil, pred, shift)
         return answer
 
     @property
@@ -166,8 +176,14 @@ class LiveSession:
             return self.engine.calibration.names
         return tuple(self.model.config.behavior_names)
 
-    def _traces(self, msg: Message) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-        """The frame's ``[N]`` traces and neuropil (extracted from pixels for a raw frame)."""
+    def _traces(
+        self, msg: Message
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any], tuple[float, float]]:
+        """The frame's ``[N]`` traces and neuropil (extracted from pixels for a raw frame).
+
+        Also the header flags of a raw frame, and the motion shift ``(y, x)``
+        in pixels applied to it (0 for traces).
+        """
         if msg.topic == "frame":
             image = msg.arrays.get("image")
             if image is None:
@@ -181,11 +197,12 @@ class LiveSession:
                 traces,
                 neuropil,
                 ({"frame_flags": frame_flags.__dict__} if frame_flags.any else {}),
+                (frame_flags.shift_y, frame_flags.shift_x),
             )
         traces = msg.arrays.get("traces")
         if traces is None or traces.ndim != 1:
             raise ProtocolError("a 'traces' message carries a 1-D buffer named 'traces'")
-        return traces, msg.arrays.get("neuropil"), {}
+        return traces, msg.arrays.get("neuropil"), {}, (0.0, 0.0)
 
     def _header(
         self, msg: Message, pred: Prediction, flags: dict[str, Any], dropped_before: int
@@ -210,11 +227,17 @@ class LiveSession:
         return {k: v for k, v in head.items() if v is not None}
 
     def _record(
-        self, msg: Message, traces: np.ndarray, neuropil: np.ndarray | None, pred: Prediction
+        self,
+        msg: Message,
+        traces: np.ndarray,
+        neuropil: np.ndarray | None,
+        pred: Prediction,
+        shift: tuple[float, float],
     ) -> None:
         assert self.recorder is not None
         row: dict[str, Any] = dict(
             traces=np.asarray(traces, np.float32),
+            activity=pred.activity,
             seq=msg.seq,
             t_acq=float(msg.header.get("t_acq", math.nan)),
             t_arrival=msg.header["t_arrival"],
@@ -226,7 +249,9 @@ class LiveSession:
             row["neuropil"] = np.asarray(neuropil, np.float32)
         if "behavior_pred" in self.recorder.fields:
             row["behavior_pred"] = pred.behavior
-        self.recorder.append(**row)
+        if "shift" in self.recorder.fields:
+            row["shift"] = np.asarray(shift, np.float32)
+        self.recorder.append(behavior=msg.arrays.get("behavior"), **row)
 
 
 class SessionSetup:
@@ -331,8 +356,9 @@ class SessionSetup:
 
     def _build(self, n: int, extractor: RoiExtractor | None, with_neuropil: bool) -> LiveSession:
         session = LiveSession(
-            self.model, self.config, n, extractor, self.triggers, self.rois_source, with_neuropil
-        )
+            self.model, self.config, n, extractor, self.triggers, self.rois_source, with_neuropil,
+            footprints=self.rois,
+        )  # fmt: skip
         if self.config.device != "cpu":
             # On a GPU the kernels autotune for this neuron count on first use:
             # do it here, on throwaway frames, not on the first answered one.
