@@ -208,18 +208,24 @@ def test_garbage_between_good_frames_is_counted_and_survived(model, session):
     assert any("version" in r or "JSON" in r or "buffer" in r for r in status["last_rejections"])
 
 
-def test_control_commands(model, session, tmp_path):
+def _pull_server(model: CalM, tmp_path) -> tuple[Server, str, str, zmq.Context, zmq.Socket]:
+    """A started server that pulls frames, and a PUSH socket connected to it."""
     ingest, pub_ep, ctl_ep = free(), free(), free()
     server = Server(
         ServiceConfig(
             ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS,
-            data_dir=tmp_path,
+            data_dir=tmp_path, fps=30.0,
         ),
         model=model,
     ).start()  # fmt: skip
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(ingest)
+    return server, pub_ep, ctl_ep, ctx, push
+
+
+def test_control_commands(model, session, tmp_path):
+    server, pub_ep, ctl_ep, ctx, push = _pull_server(model, tmp_path)
     try:
         rule = {
             "name": "A",
@@ -419,17 +425,7 @@ def test_raw_frames_without_rois_are_segmented_first(model, tmp_path):
 
 def test_calibrate_forecasts_over_the_control_socket(model, session, tmp_path):
     """`calibrate` without names fits the forecast calibration live; status reports its CV gain."""
-    ingest, pub_ep, ctl_ep = free(), free(), free()
-    server = Server(
-        ServiceConfig(
-            ingest=ingest, ingest_mode="pull", publish=pub_ep, control=ctl_ep, max_lag_ms=NO_DROPS,
-            data_dir=tmp_path, fps=30.0,
-        ),
-        model=model,
-    ).start()  # fmt: skip
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(ingest)
+    server, _, ctl_ep, ctx, push = _pull_server(model, tmp_path)
     try:
         push.send_multipart(encode("traces", {"seq": 0}, {"traces": session.traces[:, 0]}))
         _wait(lambda: server.status()["neurons"] == 16)
