@@ -120,18 +120,87 @@ def test_encode_refuses_what_it_cannot_send():
 
 
 def test_no_pickle_is_ever_interpreted():
+    """A pickle as the header fails at JSON; a pickle inside a valid message stays raw bytes."""
     import pickle
 
     evil = pickle.dumps({"seq": 0})
     with pytest.raises(ProtocolError):
         decode([b"traces", evil])
 
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    payload = pickle.dumps(Boom())
+    payload += b"\0" * (-len(payload) % 4)
+    parts = _frames(
+        encode("traces", {"seq": 0}, {"traces": np.zeros(len(payload) // 4, np.float32)})
+    )
+    parts[2] = payload  # the buffer's bytes, under a valid float32 spec of the right length
+    msg = decode(parts)  # would raise SystemExit if anything unpickled it
+    assert msg.arrays["traces"].tobytes() == payload
+    for dtype in ("object", "O", "|O", "V8", "<U4", "S4"):  # pickle-capable or non-numeric dtypes
+        header = json.loads(parts[1])
+        header["buffers"][0]["dtype"] = dtype
+        with pytest.raises(ProtocolError):
+            decode([parts[0], json.dumps(header).encode(), payload])
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.sampled_from(["seq", "v", "type", "t_acq", "buffers", "extra", "behavior"]),
+    _JSON,
+    st.sampled_from([None, "name", "dtype", "shape"]),
+    st.integers(-1, 3),
+)
+def test_one_mutated_field_of_a_valid_message_is_refused_or_consistent(
+    field, value, spec_field, extra_parts
+):
+    """Structure-aware fuzz: a valid frame with one header or buffer-spec field replaced.
+
+    It gets past the topic and JSON checks (unlike random bytes), so it exercises the header and
+    buffer validation; anything accepted must be a self-consistent message.
+    """
+    parts = _frames(
+        encode("traces", {"seq": 5, "t_acq": 1.0}, {"traces": np.arange(8, dtype=np.float32)})
+    )
+    header = json.loads(parts[1])
+    if spec_field is None:
+        header[field] = value
+    else:
+        header["buffers"][0][spec_field] = value
+    parts[1] = json.dumps(header, allow_nan=True).encode()
+    if extra_parts > 0:
+        parts += [b"\0" * 4] * extra_parts  # more buffers than specs
+    elif extra_parts < 0:
+        parts = parts[:2]  # a spec without its buffer
+    try:
+        msg = decode(parts)
+    except ProtocolError:
+        return
+    for spec in msg.header["buffers"]:
+        assert msg.arrays[spec["name"]].shape == tuple(spec["shape"])
+    assert isinstance(msg.seq, int) and 0 <= msg.seq < 2**63
+
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(max_size=64), min_size=0, max_size=5))
-def test_random_bytes_never_escape_as_anything_but_protocol_error(parts):
+@given(
+    st.sampled_from([b"traces", b"frame", b"forecast", b"nope"]),
+    st.lists(st.binary(max_size=64), min_size=0, max_size=4),
+)
+def test_random_bytes_never_escape_as_anything_but_protocol_error(topic, parts):
+    """Random parts behind a (mostly) valid topic, so the fuzz reaches the header parser."""
     try:
-        decode(parts)
+        decode([topic, *parts])
     except ProtocolError:
         pass
 
