@@ -43,6 +43,7 @@ __all__ = [
     "HiddenProjection",
     "SpreadModel",
     "calibration_features",
+    "population_loadings",
 ]
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calm_rt.data.splits import TRAIN, VAL, PreparedSession, Protocol
+from calm_rt.live.forecast_calibration import population_loadings
 from calm_rt.live.readout import DECODE_LAGS, lagged_activity
 from calm_rt.live.ridge import RidgeModel, fit_ridge
 
@@ -38,6 +39,7 @@ __all__ = [
     "LinearAR",
     "POCOForecaster",
     "RidgeDecoder",
+    "dense_window_starts",
     "windows_at",
 ]
 
@@ -87,12 +89,11 @@ class LinearAR:
         self.loadings: list[Tensor] = []
         self.models: list[RidgeModel] = []
         for k, s in enumerate(sessions):
-            train = np.nan_to_num(s.z[:, s.labels == TRAIN])
-            u, _, _ = np.linalg.svd(train - train.mean(1, keepdims=True), full_matrices=False)
-            self.loadings.append(torch.from_numpy(u[:, : self.n_pcs].astype(np.float32)))
+            train = s.z[:, s.labels == TRAIN]
+            self.loadings.append(population_loadings(train, self.n_pcs).float())
             # Every `stride`-th training window, not the protocol's test stride:
             # an 80-feature ridge needs the samples, and overlap costs nothing here.
-            starts = _dense_starts(s.labels, TRAIN, protocol)[:: max(1, self.stride)]
+            starts = dense_window_starts(s.labels, TRAIN, protocol)[:: max(1, self.stride)]
             ctx, tgt = windows_at(s.z, starts, protocol.context, protocol.horizon)
             x = self._features(k, ctx)
             y = (tgt - ctx[..., -1:]).transpose(0, 1).double()
@@ -110,7 +111,7 @@ class LinearAR:
         return context[..., -1:] + delta
 
 
-def _dense_starts(labels: np.ndarray, split: int, protocol: Protocol) -> np.ndarray:
+def dense_window_starts(labels: np.ndarray, split: int, protocol: Protocol) -> np.ndarray:
     """Every window start inside ``split`` blocks (used when stride skips them all)."""
     return Protocol(
         protocol.context, protocol.horizon, protocol.block_frames, protocol.pattern, 1
@@ -159,7 +160,7 @@ class POCOForecaster:
         self.offsets = np.cumsum([0] + [s.n_neurons for s in sessions])
         self.net = _POCONet(protocol.context, protocol.horizon, int(self.offsets[-1]))
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
-        train = [_dense_starts(s.labels, TRAIN, protocol) for s in sessions]
+        train = [dense_window_starts(s.labels, TRAIN, protocol) for s in sessions]
         val = [protocol.window_starts(s.labels, VAL) for s in sessions]
         usable = [k for k, t in enumerate(train) if t.size]
         best, best_state = math.inf, None

@@ -26,7 +26,7 @@ from calm_rt.live.engine import HISTORY
 from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
 from calm_rt.live.readout import lagged_activity
 from calm_rt.model import CalM, OfflineOutput, frame_windows
-from calm_rt.offline.baselines import windows_at
+from calm_rt.offline.baselines import dense_window_starts, windows_at
 from calm_rt.offline.replay import replay_session
 
 __all__ = ["HORIZONS", "CalmForecasts", "calibrate_forecasts", "evaluate", "tokenizer_report"]
@@ -163,8 +163,7 @@ def calibrate_forecasts(model: CalM, s: PreparedSession, protocol: Protocol) -> 
     """
     out = model.run_offline(torch.from_numpy(s.z))
     h = protocol.horizon
-    dense = Protocol(protocol.context, h, protocol.block_frames, protocol.pattern, 1)
-    fit_ends = dense.window_starts(s.labels, TRAIN)[::2] + protocol.context - 1
+    fit_ends = dense_window_starts(s.labels, TRAIN, protocol)[::2] + protocol.context - 1
     val_ends = protocol.window_starts(s.labels, VAL) + protocol.context - 1
     sample = fit_ends[:: max(1, fit_ends.size // 256)]
     projection = HiddenProjection.fit(out.hidden[:, sample])
