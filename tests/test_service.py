@@ -23,6 +23,7 @@ from calm_rt.serve import Server, ServiceConfig
 from calm_rt.serve.client import RigClient, control_request
 from calm_rt.serve.mockscope import FrameSource, MockScope, simulated_movie
 from calm_rt.serve.recording import read_recording
+from calm_rt.serve.stages import STAGES
 from calm_rt.wire.protocol import encode
 from calm_rt.wire.security import CurveKeys, generate_keys
 
@@ -159,7 +160,12 @@ def test_raw_frames_are_extracted_and_answered(model, tmp_path):
     finally:
         server.stop()
     assert heard["received"] == 60 and heard["in_order"]
-    assert server.status()["neurons"] == 12
+    status = server.status()
+    assert status["neurons"] == 12
+    # Every stage of a frame's way was timed once per frame (no recording: no "record").
+    stages = status["stages_ms"]
+    assert set(stages) == set(STAGES) - {"record"}
+    assert all(s["n"] == 60 and 0 <= s["p50"] <= s["p99"] for s in stages.values()), stages
 
 
 def test_garbage_between_good_frames_is_counted_and_survived(model, session):
@@ -253,6 +259,8 @@ def test_control_commands(model, session, tmp_path):
             rig.run(seconds=120, until=lambda: len(rig.stats_by_topic["forecast"].seqs) >= 35)
             triggers = len(rig.stats_by_topic["trigger"].seqs)
         assert 1 <= triggers <= 30 and server.status()["triggers_fired"] == triggers
+        # One append per recorded frame, each after its frame was handed to the publisher.
+        _wait(lambda: server.status()["stages_ms"].get("record", {}).get("n") == 30)
         assert control_request(ctl_ep, {"cmd": "remove_trigger", "name": "A"})["ok"]
         stopped = control_request(ctl_ep, {"cmd": "stop_recording"})
         assert stopped["ok"] and read_recording(stopped["path"]).n_frames == 30

@@ -28,6 +28,7 @@ from calm_rt.serve.commands import run_command
 from calm_rt.serve.config import ServiceConfig
 from calm_rt.serve.publish import Outbox
 from calm_rt.serve.session import LiveSession, SessionSetup
+from calm_rt.serve.stages import StageTimes
 from calm_rt.wire import Message, encode
 
 __all__ = ["Compute", "Counters", "Inbox"]
@@ -47,6 +48,7 @@ class Counters:
     publish_dropped: int = 0
     triggers: int = 0
     reasons: deque = field(default_factory=lambda: deque(maxlen=20))
+    stages: StageTimes = field(default_factory=StageTimes)  # where a frame's time goes
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def reject(self, reason: str) -> None:
@@ -166,6 +168,7 @@ class Compute:
                 next_status = time.monotonic() + self.config.status_every_s
 
     def _answer(self, msg: Message, dropped_before: int) -> None:
+        self.counters.stages.add(queue=(time.time() - msg.header["t_arrival"]) * 1e3)
         try:
             if self.session is None:
                 self.session, answer_it = self.setup.feed(msg)  # set-up, once, before answering
@@ -181,6 +184,11 @@ class Compute:
         self.counters.triggers += answer.triggers
         for parts in answer.messages:
             self.outbox.put(parts, timed=True)
+        self.counters.stages.add(**answer.timings_ms)
+        if answer.record is not None:  # after the hand-off: the HDF5 append delays no answer
+            t0 = time.perf_counter()
+            answer.record()
+            self.counters.stages.add(record=(time.perf_counter() - t0) * 1e3)
 
     # -- what commands change -----------------------------------------------------
 

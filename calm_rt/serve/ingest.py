@@ -49,6 +49,7 @@ class Ingest:
                     continue
                 parts = sock.recv_multipart(copy=False)
                 arrival = time.time()
+                t0 = time.perf_counter()
                 try:
                     msg = decode(parts)
                     if msg.topic not in INPUT_TOPICS:
@@ -59,6 +60,7 @@ class Ingest:
                     self.counters.reject(str(exc))
                     continue
                 msg.header["t_arrival"] = arrival
+                self.counters.stages.add(decode=(time.perf_counter() - t0) * 1e3)
                 self.counters.received += 1
                 self.arrivals.append(arrival)
                 self.inbox.put(msg)

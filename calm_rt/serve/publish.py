@@ -16,6 +16,8 @@ from typing import Any
 
 import zmq
 
+from calm_rt.serve.stages import StageTimes
+
 __all__ = ["Outbox", "Publisher"]
 
 
@@ -23,7 +25,8 @@ class Outbox:
     """Encoded messages waiting to be sent (bounded: the oldest go first when full)."""
 
     def __init__(self, maxlen: int = 256) -> None:
-        self._items: deque[tuple[bool, list[Any]]] = deque(maxlen=maxlen)
+        # (when queued, time.time(), or None when not timed; the multipart message)
+        self._items: deque[tuple[float | None, list[Any]]] = deque(maxlen=maxlen)
         self._cv = threading.Condition()
         self.dropped = 0
 
@@ -32,10 +35,10 @@ class Outbox:
         with self._cv:
             if len(self._items) == self._items.maxlen:
                 self.dropped += 1
-            self._items.append((timed, parts))
+            self._items.append((time.time() if timed else None, parts))
             self._cv.notify()
 
-    def take_all(self, timeout: float) -> list[tuple[bool, list[Any]]]:
+    def take_all(self, timeout: float) -> list[tuple[float | None, list[Any]]]:
         with self._cv:
             if not self._items:
                 self._cv.wait(timeout)
@@ -51,8 +54,11 @@ class Outbox:
 class Publisher:
     """Owner of the publish socket. ``latencies_ms`` holds arrival-to-publish of recent forecasts."""
 
-    def __init__(self, outbox: Outbox, socket: Callable[[], zmq.Socket]) -> None:
+    def __init__(
+        self, outbox: Outbox, socket: Callable[[], zmq.Socket], stages: StageTimes | None = None
+    ) -> None:
         self.outbox = outbox
+        self.stages = stages if stages is not None else StageTimes()
         self._make_socket = socket
         self.subscriptions = 0
         self.send_failures = 0
@@ -73,23 +79,28 @@ class Publisher:
                         self.subscriptions += 1
                     elif note[:1] == b"\x00":
                         self.subscriptions -= 1
-                for timed, parts in self.outbox.take_all(timeout=0.0 if stopping else 0.02):
-                    self._send(sock, timed, parts)
+                for queued, parts in self.outbox.take_all(timeout=0.0 if stopping else 0.02):
+                    self._send(sock, queued, parts)
                 if stopping:
                     break
         finally:
             self.done.set()
             sock.close()
 
-    def _send(self, sock: zmq.Socket, timed: bool, parts: list[Any]) -> None:
-        if timed:
+    def _send(self, sock: zmq.Socket, queued: float | None, parts: list[Any]) -> None:
+        forecast = queued is not None and parts[0] == b"forecast"
+        if queued is not None:
             # Stamp the publish time into the header as late as possible.
             head = json.loads(bytes(parts[1]))
             head["t_publish"] = time.time()
             parts[1] = json.dumps(head, separators=(",", ":")).encode()
-            if parts[0] == b"forecast":
+            if forecast:
                 self.latencies_ms.append((head["t_publish"] - head["t_arrival"]) * 1e3)
+                self.stages.add(handoff=(head["t_publish"] - queued) * 1e3)
+        t0 = time.perf_counter()
         try:
             sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:  # PUB never blocks, but be explicit
             self.send_failures += 1
+        if forecast:
+            self.stages.add(send=(time.perf_counter() - t0) * 1e3)

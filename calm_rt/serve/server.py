@@ -77,7 +77,9 @@ class Server:
             config.ingest_mode,
         )  # fmt: skip
         self.publisher = Publisher(
-            self.outbox, lambda: self._socket(zmq.XPUB, config.publish, True)
+            self.outbox,
+            lambda: self._socket(zmq.XPUB, config.publish, True),
+            self.counters.stages,
         )
         self.control = Control(
             self.inbox, self.counters,
@@ -220,6 +222,7 @@ class Server:
             "fps_in": round(self.ingest.fps_in, 3),
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 3),
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "stages_ms": c.stages.summary(),
             "neurons": session.n_neurons if session is not None else None,
             "device": self.config.device,
             "segmenting": self.compute.setup.segmenting,

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ class Answer:
     messages: list[list[Any]] = field(default_factory=list)  # multipart messages, in order
     lost: int = 0  # frames the scope's sequence numbers say never arrived
     triggers: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage (serve.stages)
+    record: Callable[[], None] | None = None  # the recording's append, run after publishing
 
 
 class LiveSession:
@@ -133,7 +137,9 @@ class LiveSession:
 
     def process(self, msg: Message, dropped_before: int = 0) -> Answer:
         """Answer one frame; ``dropped_before``: older frames the server dropped unanswered."""
+        t0 = time.perf_counter()
         traces, neuropil, flags, shift = self._traces(msg)
+        t1 = time.perf_counter()
         expected = self.engine.expected_seq
         # Frames we dropped for being behind are skipped, not filled: filling costs a
         # model step each, and would keep an overloaded server behind for good.
@@ -141,6 +147,7 @@ class LiveSession:
             traces, seq=msg.seq, neuropil=neuropil, behavior=msg.arrays.get("behavior"),
             fill=dropped_before == 0,
         )  # fmt: skip
+        t2 = time.perf_counter()
         answer = Answer()
         if expected is not None:
             answer.lost = max(0, pred.filled + pred.skipped - dropped_before)
@@ -166,7 +173,11 @@ class LiveSession:
                                    "threshold": event.threshold, "lead_frames": event.lead_frames})
             )  # fmt: skip
         if self.recorder is not None:
-            self._record(msg, traces, neuropil, pred, shift)
+            answer.record = partial(self._record, msg, traces, neuropil, pred, shift)
+        engine_ms = {k: v for k, v in pred.timings_ms.items() if k != "total"}
+        # The engine's stages are this frame's step (steps that filled a gap come before it).
+        answer.timings_ms = {"extract": (t1 - t0) * 1e3, **engine_ms,
+                             "encode": (time.perf_counter() - t2) * 1e3}  # fmt: skip
         return answer
 
     @property
