@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--e2e-seconds", type=float, default=None, help="override each end-to-end run's length"
     )
+    ap.add_argument(
+        "--neighbour", action="store_true",
+        help="also run the 30 Hz end-to-end case beside one CPU-bound process",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     from calm_rt.errors import ConfigError
     from calm_rt.live.device import resolve_device
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(
         quick=args.quick, checkpoint=args.checkpoint, device=env["device_kind"],
         e2e_neurons=args.e2e_neurons, e2e_size=args.e2e_size, e2e_seconds=args.e2e_seconds,
+        neighbour=args.neighbour,
     )  # fmt: skip
     cases = run_cases(args.cases, cfg, log=lambda m: print(m, flush=True))
     result = {

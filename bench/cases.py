@@ -24,6 +24,7 @@ class BenchConfig:
     e2e_neurons: int = 256
     e2e_size: int = 512
     e2e_seconds: float | None = None  # override each end-to-end run's length
+    neighbour: bool = False  # also run the 30 Hz end-to-end case beside a CPU-bound process
 
 
 def _model(checkpoint: Path | None, device: str) -> Any:
@@ -146,7 +147,23 @@ def case_engine(cfg: BenchConfig, log: Log) -> list[dict]:
         neurons = [64, 256]
     else:
         neurons = [64, 256, 1024, 4096] if cfg.device == "cpu" else [64, 256, 1024, 4096, 16384]
-    return _engine_rows(model, neurons, cfg.device, 200 if cfg.quick else 500, "engine step", log)
+    iters = 200 if cfg.quick else 500
+    rows = _engine_rows(model, neurons, cfg.device, iters, "engine step", log)
+    if cfg.device == "cpu":
+        # The server's compute thread runs torch with fewer threads than a bare process:
+        # this row is the step the e2e case's server actually runs.
+        from calm_rt.serve.config import default_torch_threads
+
+        server_threads, before = default_torch_threads(), torch.get_num_threads()
+        torch.set_num_threads(server_threads)
+        try:
+            for row in _engine_rows(model, [256], cfg.device, iters, "engine step", log):
+                row.update(name=f"engine step 256 neurons, {server_threads} thread(s) as served",
+                           threads=server_threads, server_threads=True)  # fmt: skip
+                rows.append(row)
+        finally:
+            torch.set_num_threads(before)
+    return rows
 
 
 def case_context(cfg: BenchConfig, log: Log) -> list[dict]:
@@ -197,25 +214,72 @@ def case_kernels(cfg: BenchConfig, log: Log) -> list[dict]:
     return kernel_rows(cfg.quick, log)
 
 
+@dataclass(frozen=True)
+class _E2ePlan:
+    fps: float
+    seconds: float
+    neurons: int
+    neighbour: bool = False
+    sweep: bool = False  # part of the rate sweep, which stops at the first rate that drops
+
+    @property
+    def name(self) -> str:
+        extra = [f"{self.neurons} neurons"] if self.neurons != 256 else []
+        extra += [f"{self.fps:g} Hz"] if self.fps != 30.0 else []
+        extra += ["beside a CPU-bound process"] if self.neighbour else []
+        return " ".join(["e2e", *extra]) if extra else "e2e"
+
+
+def _e2e_plans(cfg: BenchConfig) -> list[_E2ePlan]:
+    n = cfg.e2e_neurons
+    if cfg.quick:
+        plans = [_E2ePlan(30.0, 10.0, n)]
+        plans += [_E2ePlan(30.0, 10.0, n, neighbour=True)] if cfg.neighbour else []
+    else:
+        plans = [_E2ePlan(30.0, 100.0, n)]
+        plans += [_E2ePlan(30.0, 100.0, n, neighbour=True)] if cfg.neighbour else []
+        plans += [_E2ePlan(30.0, 100.0, m) for m in (512, 1024) if m != n]
+        plans += [_E2ePlan(fps, 20.0, n, sweep=True) for fps in (60.0, 90.0, 120.0)]
+    if cfg.e2e_seconds is not None:
+        plans = [replace(p, seconds=cfg.e2e_seconds) for p in plans]
+    return plans
+
+
+class _Neighbour:
+    """One CPU-bound process beside the run (what the scope software or a viewer costs)."""
+
+    def __enter__(self) -> _Neighbour:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def case_e2e(cfg: BenchConfig, log: Log) -> list[dict]:
     """Scope (process) -> loopback ZeroMQ -> server (extract + engine) -> rig (process)."""
+    from contextlib import nullcontext
+
     from calm_rt.serve.demo import run_demo
 
     rows = []
-    neurons, size = cfg.e2e_neurons, cfg.e2e_size
-    plans = (
-        [(30.0, 10.0)] if cfg.quick else [(30.0, 100.0), (60.0, 20.0), (90.0, 20.0), (120.0, 20.0)]
-    )
-    if cfg.e2e_seconds is not None:
-        plans = [(fps, cfg.e2e_seconds) for fps, _ in plans]
+    size = cfg.e2e_size
     workdir = Path(tempfile.gettempdir()) / "calm-rt-bench"
-    for fps, seconds in plans:
-        summary = run_demo(seconds=seconds, neurons=neurons, size=size, fps=fps, checkpoint=cfg.checkpoint,
-                           workdir=workdir, log=log, device=cfg.device)  # fmt: skip
+    for plan in _e2e_plans(cfg):
+        fps, neurons = plan.fps, plan.neurons
+        with _Neighbour() if plan.neighbour else nullcontext():
+            summary = run_demo(seconds=plan.seconds, neurons=neurons, size=size, fps=fps,
+                               checkpoint=cfg.checkpoint, workdir=workdir, log=log,
+                               device=cfg.device)  # fmt: skip
         row = {
-            "name": "e2e" if fps == 30.0 else f"e2e {fps:g} Hz",
+            "name": plan.name,
             "case": "e2e",
             "neurons": neurons,
+            "neighbour": plan.neighbour,
             "fps": fps,
             "frame": size,
             "frames": summary["frames_sent"],
@@ -226,12 +290,13 @@ def case_e2e(cfg: BenchConfig, log: Log) -> list[dict]:
             "max_ms": summary["max_ms"],
             "server_p50_ms": summary["server"]["latency_p50_ms"],
             "server_p99_ms": summary["server"]["latency_p99_ms"],
+            "stages_ms": summary["server"].get("stages_ms", {}),
             "samples_ms": summary.get("latencies_ms", []),
         }
         rows.append(row)
-        log(f"  e2e {fps:g} Hz: {row['predictions']}/{row['frames']} answered, p50 {row['p50_ms']:.2f} ms, "
+        log(f"  {plan.name}: {row['predictions']}/{row['frames']} answered, p50 {row['p50_ms']:.2f} ms, "
             f"p99 {row['p99_ms']:.2f} ms, dropped {row['dropped']}")  # fmt: skip
-        if row["dropped"]:
+        if row["dropped"] and plan.sweep:
             break  # the highest sustained rate is the previous one
     return rows
 

@@ -52,7 +52,54 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {r['name']} | {_fmt(r, 'p50_ms')} | {_fmt(r, 'p90_ms')} | {_fmt(r, 'p99_ms')} | {_fmt(r, 'max_ms')} | "
             f"{'; '.join(notes)} | {_budget(r, cpu)} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + breakdown_table(result))
+
+
+ENGINE_STAGES = ("preprocess", "tokenize", "dat", "heads")
+
+
+def _compute_p50(result: dict[str, Any], neurons: int) -> float | None:
+    """Extraction + engine step p50 (ms) from the isolated cases of this run, as served."""
+    rows = result["cases"]
+    step = next((r for r in rows if r.get("case") == "engine step" and r.get("server_threads")
+                 and r.get("neurons") == neurons), None)  # fmt: skip
+    extract = next((r for r in rows if r.get("case") == "extract" and r.get("frame") == 512
+                    and r.get("rois") == 256), None)  # fmt: skip
+    if step is None or extract is None:
+        return None
+    return extract["p50_ms"] + step["p50_ms"]
+
+
+def breakdown_table(result: dict[str, Any]) -> list[str]:
+    """Where each end-to-end run's time went: the server's stages (p50 / p99 ms)."""
+    from calm_rt.serve.stages import STAGES
+
+    rows = [r for r in result["cases"] if r.get("case") == "e2e" and r.get("stages_ms")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Where a frame's time goes in the server, p50 / p99 ms (`record` runs after the "
+        "hand-off and delays only the next frame). *compute*: extract + engine stages p50 "
+        "in the server; *isolated*: the extract and served-thread engine-step cases of this run.",
+        "",
+        "| run | " + " | ".join(STAGES) + " | server | rig e2e | e2e p50 / compute p50 "
+        "| e2e p50 / isolated p50 |",
+        "|---|" + "---|" * (len(STAGES) + 4),
+    ]
+    for r in rows:
+        st = r["stages_ms"]
+        cells = [f"{st[s]['p50']:.2f} / {st[s]['p99']:.2f}" if s in st else "" for s in STAGES]
+        compute = sum(st[s]["p50"] for s in ("extract", *ENGINE_STAGES) if s in st)
+        isolated = _compute_p50(result, r["neurons"]) if r["neurons"] == 256 else None
+        lines.append(
+            f"| {r['name']} | " + " | ".join(cells)
+            + f" | {r['server_p50_ms']:.2f} / {r['server_p99_ms']:.2f}"
+            + f" | {_fmt(r, 'p50_ms')} / {_fmt(r, 'p99_ms')}"
+            + (f" | {r['p50_ms'] / compute:.2f}x" if compute and r["p50_ms"] else " | ")
+            + (f" | {r['p50_ms'] / isolated:.2f}x |" if isolated and r["p50_ms"] else " | |")
+        )  # fmt: skip
+    return lines
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[Path]:

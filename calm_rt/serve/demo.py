@@ -410,6 +410,7 @@ def run_demo(
 
 _SERVER_KEYS = (
     "received", "answered", "rejected", "skipped", "lost", "latency_p50_ms", "latency_p99_ms",
+    "stages_ms",
 )  # fmt: skip
 
 
