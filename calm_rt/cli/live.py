@@ -53,6 +53,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     _threads_arg(p)
     _device_arg(p)
+    _priority_args(p)
     p.add_argument(
         "--seconds", type=float, default=None, help="stop after this long (default: until stopped)"
     )
@@ -98,6 +99,18 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _priority_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--priority", choices=("normal", "high", "realtime"), default="normal",
+        help="the service threads' scheduling: normal (default), high (nice -10) or realtime "
+        "(SCHED_FIFO); high and realtime need root or CAP_SYS_NICE (docs/engine.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cpus", type=lambda s: tuple(int(c) for c in s.split(",")), default=(),
+        metavar="LIST", help="pin the service threads to these CPUs, e.g. 2,3 (default: any)",
+    )  # fmt: skip
+
+
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=None,
@@ -125,7 +138,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, fps=args.fps, kind=args.kind, horizon=args.horizon, rois=args.rois,
         record=args.record, triggers=rules, keys=CurveKeys.from_folder(args.keys) if args.keys else None,
         torch_threads=args.threads, max_lag_ms=args.max_lag_ms, data_dir=args.data_dir,
-        device=args.device,
+        device=args.device, priority=args.priority, cpus=args.cpus,
     )  # fmt: skip
     server = Server(config).start()
     stop = lambda signum, frame: server.request_stop(f"signal {signum}")  # noqa: E731

@@ -9,6 +9,7 @@ from typing import Any
 
 from calm_rt.errors import ConfigError
 from calm_rt.live.device import resolve_device
+from calm_rt.serve.priority import PRIORITIES, check_cpus
 from calm_rt.wire.security import CurveKeys, check_bind_policy
 
 __all__ = ["ServiceConfig", "default_torch_threads"]
@@ -51,6 +52,10 @@ class ServiceConfig:
     # Where the model runs: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N.
     # Resolved here, so `cuda` on a machine without a GPU fails before anything loads.
     device: str = "auto"
+    # The service threads' claim on the CPU (serve.priority): "normal", "high" (nice -10)
+    # or "realtime" (SCHED_FIFO); both of the latter need the right to raise priority.
+    priority: str = "normal"
+    cpus: tuple[int, ...] = ()  # CPU affinity of the service threads; (): any core
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -72,6 +77,10 @@ class ServiceConfig:
             raise ConfigError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ConfigError(f"data_dir {self.data_dir} is not a folder")
+        if self.priority not in PRIORITIES:
+            raise ConfigError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
+        object.__setattr__(self, "cpus", tuple(int(c) for c in self.cpus))
+        check_cpus(self.cpus)
         check_bind_policy(self, self.keys)
 
     @property

@@ -102,6 +102,7 @@ class Demo:
             from there (None: a temporary folder, removed by :meth:`stop`).
         start_timeout_s: how long the server may take to load and warm up.
         device: where the server's model runs (``auto``, ``cpu`` or ``cuda``).
+        priority: the server's scheduling priority (``calm-rt serve --priority``).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Demo:
         workdir: Path | None = None,
         start_timeout_s: float = 300.0,
         device: str = "auto",
+        priority: str = "normal",
     ) -> None:
         self.neurons, self.size, self.frames, self.fps = neurons, size, frames, fps
         self.checkpoint, self.model, self.calibrate_s, self.seed = (
@@ -130,7 +132,7 @@ class Demo:
         )
         self.server_threads, self.stream_frames = server_threads, stream_frames
         self.start_timeout_s = start_timeout_s
-        self.device = device
+        self.device, self.priority = device, priority
         if triggers is None:
             triggers = (
                 {"name": "A", "neurons": list(range(min(4, neurons))), "window_ms": 300,
@@ -231,7 +233,7 @@ class Demo:
             cmd += ["--checkpoint", str(checkpoint)]
         if self.server_threads:
             cmd += ["--threads", str(self.server_threads)]
-        cmd += ["--device", self.device.split(":", 1)[0]]
+        cmd += ["--device", self.device.split(":", 1)[0], "--priority", self.priority]
         self._server_log = work / "server.log"
         with open(self._server_log, "wb") as out:
             self.server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -339,11 +341,13 @@ def run_demo(
     threads: int | None = None,
     calibrate_s: float = 0.0,
     device: str = "auto",
+    priority: str = "normal",
 ) -> dict[str, Any]:
     """Run scope -> server -> rig on loopback for ``seconds``; return the summary.
 
     ``threads``: torch threads of the server (default: all cores but one);
-    ``device``: where the server's model runs (``auto``, ``cpu`` or ``cuda``).
+    ``device``: where the server's model runs (``auto``, ``cpu`` or ``cuda``);
+    ``priority``: the server's scheduling (``calm-rt serve --priority``).
     Long runs loop a 20 s movie: rendering and holding hours of 512x512
     frames buys nothing here.
     """
@@ -351,7 +355,7 @@ def run_demo(
     demo = Demo(
         neurons=neurons, size=size, frames=min(frames, 600), fps=fps, checkpoint=checkpoint,
         calibrate_s=calibrate_s, server_threads=threads, stream_frames=frames, workdir=workdir,
-        device=device,
+        device=device, priority=priority,
     )  # fmt: skip
     log(f"rendering (or reusing) a simulated {size}x{size} movie of {neurons} neurons...")
     demo.start(stream=False)

@@ -43,6 +43,7 @@ from calm_rt.serve.compute import Compute, Counters, Inbox
 from calm_rt.serve.config import ServiceConfig, default_torch_threads
 from calm_rt.serve.control import MAX_REQUEST_BYTES, Control
 from calm_rt.serve.ingest import Ingest
+from calm_rt.serve.priority import claim_cpu
 from calm_rt.serve.publish import Outbox, Publisher
 from calm_rt.wire import CurveServer, encode
 
@@ -110,12 +111,17 @@ class Server:
             "publish": lambda: self.publisher.run(ready, self._stop_publish),
             "control": lambda: self.control.run(ready, self._stop),
         }
-        for name, target in parts.items():
-            t = threading.Thread(
-                target=self._guard(name, target), name=f"calm-rt-{name}", daemon=True
-            )
-            t.start()
-            self._threads.append(t)
+        # The service threads inherit the priority and affinity of the thread that starts them.
+        restore = claim_cpu(self.config.priority, self.config.cpus)
+        try:
+            for name, target in parts.items():
+                t = threading.Thread(
+                    target=self._guard(name, target), name=f"calm-rt-{name}", daemon=True
+                )
+                t.start()
+                self._threads.append(t)
+        finally:
+            restore()
         try:
             self._ready.wait(timeout=10.0)
         except threading.BrokenBarrierError as exc:
@@ -225,6 +231,7 @@ class Server:
             "stages_ms": c.stages.summary(),
             "neurons": session.n_neurons if session is not None else None,
             "device": self.config.device,
+            "priority": self.config.priority,
             "segmenting": self.compute.setup.segmenting,
             "rois": session.rois_source if session is not None else self.compute.setup.rois_source,
             "subscriptions": self.publisher.subscriptions,
