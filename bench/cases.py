@@ -228,7 +228,8 @@ class _E2ePlan:
         extra = [f"{self.neurons} neurons"] if self.neurons != 256 else []
         extra += [f"{self.fps:g} Hz"] if self.fps != 30.0 else []
         extra += ["beside a CPU-bound process"] if self.neighbour else []
-        extra += [f"server at {self.priority} priority"] if self.priority != "normal" else []
+        # Scope, server and rig all claim the CPU: the whole loop, as docs/engine.md advises.
+        extra += [f"loop at {self.priority} priority"] if self.priority != "normal" else []
         return " ".join(["e2e", *extra]) if extra else "e2e"
 
 

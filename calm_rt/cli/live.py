@@ -99,12 +99,23 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _priority_args(p: argparse.ArgumentParser) -> None:
+def _priority_arg(p: argparse.ArgumentParser, who: str = "the service threads'") -> None:
     p.add_argument(
         "--priority", choices=("normal", "high", "realtime"), default="normal",
-        help="the service threads' scheduling: normal (default), high (nice -10) or realtime "
+        help=f"{who} scheduling: normal (default), high (nice -10) or realtime "
         "(SCHED_FIFO); high and realtime need root or CAP_SYS_NICE (docs/engine.md)",
     )  # fmt: skip
+
+
+def _claim_cpu(args: argparse.Namespace) -> None:
+    """This process's priority (``--priority``); its threads inherit it."""
+    from calm_rt.serve.priority import claim_cpu
+
+    claim_cpu(args.priority)
+
+
+def _priority_args(p: argparse.ArgumentParser) -> None:
+    _priority_arg(p)
     p.add_argument(
         "--cpus", type=lambda s: tuple(int(c) for c in s.split(",")), default=(),
         metavar="LIST", help="pin the service threads to these CPUs, e.g. 2,3 (default: any)",
@@ -207,6 +218,7 @@ def _mockscope_args(p: argparse.ArgumentParser) -> None:
         "--drop", type=int, nargs="*", default=(), help="sequence numbers to drop (rehearse loss)"
     )
     p.add_argument("--json", type=Path, default=None, help="write what was sent as JSON")
+    _priority_arg(p, "the scope's")
     _exit_with_arg(p)
 
 
@@ -225,6 +237,7 @@ def _cmd_mockscope(args: argparse.Namespace) -> int:
     from calm_rt.extract import save_rois
     from calm_rt.serve.mockscope import FrameSource, MockScope, simulated_movie
 
+    _claim_cpu(args)
     if args.source is not None:
         source = FrameSource.from_file(args.source)
     else:
@@ -275,6 +288,7 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keys", type=Path, default=None, help="CURVE key folder (client.key_secret, server.key)"
     )
+    _priority_arg(p, "the listener's")
 
 
 @command(
@@ -285,6 +299,8 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
 @arguments(_listen_args)
 def _cmd_listen(args: argparse.Namespace) -> int:
     from calm_rt.serve.client import RigClient
+
+    _claim_cpu(args)
 
     def show(msg) -> None:
         h = msg.header

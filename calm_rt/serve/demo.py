@@ -174,7 +174,7 @@ class Demo:
         cmd = [*_CALM_RT, "mock-scope", "--endpoint", self.endpoints.scope, "--source",
                str(work / self._stem("movie.npy")), "--behavior", str(work / self._stem("behavior.npy")),
                "--fps", str(self.fps), "--loop", "--exit-with", str(os.getpid()),
-               "--json", str(work / "scope.json")]  # fmt: skip
+               "--json", str(work / "scope.json"), "--priority", self.priority]  # fmt: skip
         if self.stream_frames is not None:
             cmd += ["--frames", str(self.stream_frames)]
         with open(work / "scope.log", "wb") as out:
@@ -364,7 +364,8 @@ def run_demo(
     listen_json.unlink(missing_ok=True)
     listener = subprocess.Popen(
         [*_CALM_RT, "listen", "--connect", demo.endpoints.publish, "--topics", "forecast", "behavior",
-         "--quiet", "--frames", str(frames), "--seconds", str(seconds + 60), "--json", str(listen_json)],
+         "--quiet", "--frames", str(frames), "--seconds", str(seconds + 60), "--json", str(listen_json),
+         "--priority", priority],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
