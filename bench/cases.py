@@ -223,11 +223,12 @@ class _E2ePlan:
     neighbour: bool = False
     priority: str = "normal"  # the server's (calm-rt serve --priority)
     threads: int | None = None  # the server's torch threads (None: its default)
+    base_neurons: int = 256  # the run's own neuron count, named only when a row differs
     sweep: bool = False  # part of the rate sweep, which stops at the first rate that drops
 
     @property
     def name(self) -> str:
-        extra = [f"{self.neurons} neurons"] if self.neurons != 256 else []
+        extra = [f"{self.neurons} neurons"] if self.neurons != self.base_neurons else []
         extra += [f"{self.fps:g} Hz"] if self.fps != 30.0 else []
         extra += [f"{self.threads} torch threads"] if self.threads else []
         extra += ["beside a CPU-bound process"] if self.neighbour else []
@@ -248,6 +249,7 @@ def _e2e_plans(cfg: BenchConfig) -> list[_E2ePlan]:
         # The neural attention is quadratic in neurons: 1,024 may need both cores' threads.
         plans += [_E2ePlan(30.0, seconds, 1024, threads=2)] if (os.cpu_count() or 1) >= 2 else []
         plans += [_E2ePlan(fps, 20.0, n, sweep=True) for fps in (60.0, 90.0, 120.0)]
+    plans = [replace(p, base_neurons=n) for p in plans]
     if cfg.e2e_seconds is not None:
         plans = [replace(p, seconds=cfg.e2e_seconds) for p in plans]
     return plans
@@ -318,6 +320,7 @@ def case_e2e(cfg: BenchConfig, log: Log) -> list[dict]:
             "max_ms": summary["max_ms"],
             "server_p50_ms": summary["server"]["latency_p50_ms"],
             "server_p99_ms": summary["server"]["latency_p99_ms"],
+            **{f"server_{k}": summary["server"][k] for k in ("received", "answered", "skipped")},
             "stages_ms": summary["server"].get("stages_ms", {}),
             "samples_ms": summary.get("latencies_ms", []),
         }

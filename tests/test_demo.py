@@ -24,7 +24,12 @@ def test_demo_cli_runs_headless_and_writes_the_contract_json(tmp_path):
     assert {"frames_sent", "predictions", "dropped", "p50_ms", "p99_ms", "neurons", "fps"} <= set(
         summary
     )
+    # neurons: the server's session, from the ROIs of the rendered movie (not our argument).
     assert summary["frames_sent"] == 90 and summary["neurons"] == 24 and summary["fps"] == 30.0
-    assert summary["predictions"] + summary["dropped"] == summary["frames_sent"]
-    assert summary["predictions"] >= 0.98 * summary["frames_sent"]
+    # The rig's count (from the sequence numbers it heard) against the server's own counters:
+    # every answer reached the rig, and every frame the rig missed the server counted.
+    server = summary["server"]
+    assert summary["in_order"] and server["rejected"] == 0
+    assert summary["predictions"] == server["answered"]
+    assert summary["dropped"] == server["skipped"] + (summary["frames_sent"] - server["received"])
     assert summary["p50_ms"] <= summary["p99_ms"]

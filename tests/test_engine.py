@@ -211,11 +211,27 @@ def test_a_calibration_for_other_neurons_is_refused(model, session):
     assert engine.forecast_calibration is not None
 
 
+def _tensor_bytes(obj) -> dict[str, int]:
+    """Bytes of every tensor and array attribute of ``obj`` and of its KV cache, by name."""
+    out = {}
+    for owner, prefix in ((obj, ""), (obj.cache, "cache.")):
+        for name, value in vars(owner).items():
+            if isinstance(value, torch.Tensor):
+                out[prefix + name] = value.numel() * value.element_size()
+            elif isinstance(value, np.ndarray):
+                out[prefix + name] = value.nbytes
+    return out
+
+
 def test_state_is_constant_over_the_session(model, session):
+    """The caches are written in place, and no tensor of the engine grows, over 200 frames."""
     engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
-    before = engine.state_nbytes
+    caches = (engine.cache.k.data_ptr(), engine.cache.v.data_ptr())
+    sizes = _tensor_bytes(engine)
     _stream(engine, session.traces[:, :200], session.neuropil[:, :200])
-    assert engine.state_nbytes == before
+    assert (engine.cache.k.data_ptr(), engine.cache.v.data_ptr()) == caches  # never reallocated
+    assert _tensor_bytes(engine) == sizes
+    assert engine.frame == 200
 
 
 def test_replay_writes_a_session_like_file(model, session, tmp_path):
