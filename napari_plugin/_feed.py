@@ -101,6 +101,8 @@ class _State:
     frames_shown: int = 0
     triggers: deque = field(default_factory=lambda: deque(maxlen=64))
     triggers_seen: int = 0
+    # (seq, (dy, dx)) of the newest raw frames' motion shifts, from their forecasts.
+    shifts: deque = field(default_factory=lambda: deque(maxlen=256))
     status: dict[str, Any] | None = None
     rig: dict[str, Any] | None = None
     rules: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -184,6 +186,20 @@ class LiveFeed:
             s.frame_taken = s.frame_seq
             s.frames_shown += 1
             return s.frame_seq, s.frame
+
+    def shift_for(self, seq: int, newest_if_unknown: bool = True) -> tuple[float, float] | None:
+        """The motion shift ``(dy, dx)`` the server found in frame ``seq``.
+
+        A frame is usually shown before its forecast arrives; until then this is
+        the newest shift known (motion is slow next to a frame), None before any
+        (or, with ``newest_if_unknown=False``, None until frame ``seq``'s own).
+        """
+        with self._lock:
+            shifts = self._state.shifts
+            for s, shift in reversed(shifts):
+                if s == seq:
+                    return shift
+            return shifts[-1][1] if shifts and newest_if_unknown else None
 
     def snapshot(self, trigger_window_s: float = 1.5) -> Snapshot:
         now = time.monotonic()
@@ -286,6 +302,9 @@ class LiveFeed:
             s.activity.push(msg.seq, activity)
             s.forecast, s.forecast_std = np.array(forecast), np.array(spread)
             s.fps = float(msg.header.get("fps", s.fps))
+            shift = msg.header.get("shift")
+            if isinstance(shift, list) and len(shift) == 2:
+                s.shifts.append((msg.seq, (float(shift[0]), float(shift[1]))))
             s.version += 1
 
     def _on_behavior(self, msg: Message) -> None:

@@ -120,6 +120,8 @@ class LiveView(QWidget):
         self._trigger_key: tuple = ()
         self._frames_shown = 0
         self._contrast_set = False
+        self._shown_seq: int | None = None  # the frame on screen
+        self._roi_shift = (0.0, 0.0)  # how far the ROI layers are drawn from the reference
         self._picked_label = 0
         self._had_rig = False
         self._source = ""
@@ -230,6 +232,7 @@ class LiveView(QWidget):
         self._runtime.feed = feed
         self._source = endpoints.publish
         self._version, self._frames_shown, self._contrast_set = -1, 0, False
+        self._shown_seq = None
         self._had_rig = False
         self._set_buttons(connected=True)
         self.status_label.setText(f"connecting to {endpoints.publish} ...")
@@ -422,6 +425,8 @@ class LiveView(QWidget):
         self._layers[ROIS] = layer
         self._color_rois(np.full(ids.size, np.nan, np.float32))
         self._ensure_points()
+        for name in (ROIS, SELECTED, TRIGGERS):  # new layers follow the motion too
+            self._layers[name].translate = self._roi_shift
         self._show_selection()
 
     def _ensure_points(self) -> None:
@@ -506,6 +511,32 @@ class LiveView(QWidget):
             self._contrast_set = True
         self._frames_shown += 1
 
+    def _follow_motion(self, shift: tuple[float, float] | None) -> None:
+        """Draw the ROIs where the cells are in the raw frame on screen.
+
+        The ROIs are in the reference frame's coordinates; a cell at reference
+        position p is at p + shift in the raw frame (the server's motion
+        estimate, sent with each forecast). Moving the layers costs nothing;
+        correcting the frame here would redo the server's work on the GUI thread.
+        """
+        if shift is None or shift == self._roi_shift:
+            return
+        self._roi_shift = shift
+        for name in (ROIS, SELECTED, TRIGGERS):
+            layer = self._layers.get(name)
+            if layer is not None:
+                layer.translate = shift
+
+    @property
+    def roi_shift(self) -> tuple[float, float]:
+        """``(dy, dx)``: how far the ROI layers are drawn from the reference positions."""
+        return self._roi_shift
+
+    @property
+    def shown_seq(self) -> int | None:
+        """The sequence number of the frame on screen (None before the first)."""
+        return self._shown_seq
+
     def _show_triggers(self, snap: Snapshot) -> None:
         layer = self._layers.get(TRIGGERS)
         if layer is None:
@@ -534,6 +565,9 @@ class LiveView(QWidget):
         frame = feed.take_frame()
         if frame is not None:
             self._show_frame(*frame)
+            self._shown_seq = frame[0]
+        if self._shown_seq is not None:
+            self._follow_motion(feed.shift_for(self._shown_seq))
         snap = feed.snapshot()
         now = time.monotonic()
         if snap.version != self._version:

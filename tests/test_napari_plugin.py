@@ -186,6 +186,36 @@ def test_embedded_demo_runs_in_the_widget_and_stops_on_close(make_napari_viewer,
     assert not any(t.is_alive() for t in threads)
 
 
+def test_rois_follow_the_cells_as_the_scene_moves(make_napari_viewer, qtbot, tiny_model):
+    """The ROI layers are drawn at reference + the server's shift: on the moving cells within 1 px."""
+    viewer = make_napari_viewer()
+    view = LiveView(viewer)
+    demo = Demo(neurons=10, size=64, fps=30.0, model=tiny_model, calibrate_s=0.0)
+    view.start_demo(demo)
+    qtbot.waitUntil(lambda: view.feed is not None, timeout=60_000)
+    truth = demo.movie.shifts  # the scope loops the movie: frame seq is movie frame seq % T
+    rois = view.layer(ROIS)
+    centroids = view._centroids.copy()
+    checked: dict[int, float] = {}
+
+    def on_cells() -> bool:
+        seq = view.shown_seq
+        # Past the motion estimator's warm-up, and once this frame's own shift has arrived.
+        if seq is None or seq < 60 or view.feed.shift_for(seq, False) != view.roi_shift:
+            return False
+        drawn = centroids + np.asarray(rois.translate)  # where the ROIs are on screen
+        cells = centroids + truth[seq % len(truth)]  # where the cells are in this raw frame
+        checked[seq] = float(np.abs(drawn - cells).max())
+        return len(checked) >= 8
+
+    qtbot.waitUntil(on_cells, timeout=60_000)
+    assert max(checked.values()) <= 1.0, checked
+    # The scene did move in the frames checked, so ROIs left where they were would miss.
+    assert max(np.abs(truth[s % len(truth)]).max() for s in checked) > 1.0
+    assert tuple(view.layer(SELECTED).translate) == tuple(rois.translate)
+    view.close()
+
+
 def _session(n: int = 12, t: int = 200):
     cfg = SimConfig(animals=1, sessions=1, neurons=n, frames=t, seed=5)
     session, _ = simulate_session(cfg, make_animal(cfg, 0), 0)

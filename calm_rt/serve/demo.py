@@ -56,6 +56,7 @@ class DemoMovie:
     behavior: np.ndarray  # [T, B] float32
     behavior_names: tuple[str, ...]
     fps: float
+    shifts: np.ndarray  # [T, 2] float32: how far the scene moved in frame t (dy, dx), pixels
 
     @property
     def labels(self) -> np.ndarray:
@@ -79,6 +80,7 @@ def demo_movie(
         behavior=np.asarray(session.behavior, np.float32),
         behavior_names=tuple(session.behavior_names),
         fps=fps,
+        shifts=np.asarray(mtruth.shifts, np.float32),
     )
 
 
@@ -203,15 +205,17 @@ class Demo:
         rois = work / self._stem("rois.npz")
         movie_path, beh_path = work / self._stem("movie.npy"), work / self._stem("behavior.npy")
         names_path = work / self._stem("behavior_names.json")
-        if not all(p.exists() for p in (rois, movie_path, beh_path, names_path)):
+        shifts_path = work / self._stem("shifts.npy")
+        if not all(p.exists() for p in (rois, movie_path, beh_path, names_path, shifts_path)):
             self.movie = demo_movie(self.neurons, self.size, self.frames, self.fps, self.seed)
             np.save(movie_path, self.movie.movie)
             np.save(beh_path, self.movie.behavior.astype(np.float32))
+            np.save(shifts_path, self.movie.shifts)
             save_rois(rois, self.movie.footprints)
             names_path.write_text(json.dumps(list(self.movie.behavior_names)))
         else:
             names = tuple(json.loads(names_path.read_text()))
-            self.movie = _load_movie(movie_path, beh_path, rois, names, self.fps)
+            self.movie = _load_movie(movie_path, beh_path, shifts_path, rois, names, self.fps)
         return rois
 
     def _start_server(self) -> None:
@@ -317,7 +321,7 @@ _CALM_RT = [sys.executable, "-m", "calm_rt"]
 
 
 def _load_movie(
-    movie: Path, behavior: Path, rois: Path, names: tuple[str, ...], fps: float
+    movie: Path, behavior: Path, shifts: Path, rois: Path, names: tuple[str, ...], fps: float
 ) -> DemoMovie:
     from calm_rt.extract import load_rois
 
@@ -327,6 +331,7 @@ def _load_movie(
         behavior=np.load(behavior),
         behavior_names=names,
         fps=fps,
+        shifts=np.load(shifts),
     )
 
 

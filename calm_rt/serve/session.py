@@ -204,12 +204,12 @@ class LiveSession:
             if self.extractor is None:
                 raise DataError("this session receives traces, not raw frames (set ROIs to switch)")
             traces, neuropil, frame_flags = self.extractor.extract(image)
-            return (
-                traces,
-                neuropil,
-                ({"frame_flags": frame_flags.__dict__} if frame_flags.any else {}),
-                (frame_flags.shift_y, frame_flags.shift_x),
-            )
+            shift = (frame_flags.shift_y, frame_flags.shift_x)
+            flags: dict[str, Any] = {"frame_flags": frame_flags.__dict__} if frame_flags.any else {}
+            # Where the ROIs sit on this raw frame (a live view draws them there): the
+            # reference position plus the shift (docs/protocol.md).
+            flags["shift"] = [round(float(shift[0]), 3), round(float(shift[1]), 3)]
+            return traces, neuropil, flags, shift
         traces = msg.arrays.get("traces")
         if traces is None or traces.ndim != 1:
             raise ProtocolError("a 'traces' message carries a 1-D buffer named 'traces'")
