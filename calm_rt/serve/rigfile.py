@@ -140,8 +140,12 @@ OPTIONS: tuple[Option, ...] = (
 
 TABLES = tuple(dict.fromkeys(o.table for o in OPTIONS))
 _BY_DEST = {o.dest: o for o in OPTIONS}
-# The effective configuration: every option's dest, plus "rules" (trigger rules as dicts).
-DEFAULTS: dict[str, Any] = {**{o.dest: o.default for o in OPTIONS}, "rules": []}
+# The effective configuration: every option's dest, the trigger file (--triggers) resolved
+# into "rules" (trigger rules as dicts).
+DEFAULTS: dict[str, Any] = {
+    **{o.dest: o.default for o in OPTIONS if o.dest != "triggers"},
+    "rules": [],
+}
 
 
 def _typed(option: Option, value: Any, where: str) -> Any:
@@ -283,7 +287,6 @@ def effective_options(file_values: Mapping[str, Any], flags: Mapping[str, Any]) 
             merged["rules"] = [r.to_dict() for r in load_rules(typed)]
         else:
             merged[dest] = typed
-    merged.pop("triggers", None)
     return merged
 
 
