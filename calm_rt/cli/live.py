@@ -67,6 +67,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         if action.dest in SERVE_OPTION_DESTS:
             action.default = argparse.SUPPRESS
     p.epilog = (p.epilog or "") + (
+        "\n  calm-rt serve --config rig.toml --fps 15   # a rig file; flags given override it\n"
+        "  calm-rt serve --config rig.toml --print-config   # the effective configuration\n"
+        "rig files: docs/rig-config.md, every key in docs/rig.example.toml"
         "\n\nexit status: 0 when stopped by `shutdown`, SIGINT, SIGTERM or --seconds; 1 a bad\n"
         "option at start; 70 (EX_SOFTWARE) when a service thread died (the traceback is\n"
         "logged, the recording closed, a final status published with the reason)."
