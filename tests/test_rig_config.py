@@ -160,6 +160,12 @@ def test_trigger_flag_replaces_the_file_rules(tmp_path):
     assert [r["name"] for r in effective["rules"]] == ["B"]
 
 
+def test_two_inline_rules_of_one_name_are_refused(tmp_path):
+    rule = "[[triggers]]\nname = 'A'\nneurons = [1]\n"
+    with pytest.raises(ConfigError, match=r"given twice: \['A'\]"):
+        load_rig_file(rig_file(tmp_path, rule + rule))
+
+
 def test_triggers_file_and_inline_rules_together_are_refused(tmp_path):
     (tmp_path / "rules.json").write_text("[]")
     path = rig_file(

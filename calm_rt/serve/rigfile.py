@@ -259,6 +259,10 @@ def load_rig_file(path: str | Path) -> dict[str, Any]:
         if not isinstance(inline, list):
             raise ConfigError(f"{path}: triggers must be [[triggers]] tables, got {inline!r}")
         values["rules"] = [_rule(path, i, rule) for i, rule in enumerate(inline)]
+        names = [r["name"] for r in values["rules"]]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            # the server keeps one rule per name: a second would silently replace the first
+            raise ConfigError(f"{path}: [[triggers]] names must be unique; given twice: {twice}")
     elif "triggers" in values:
         values["rules"] = [r.to_dict() for r in load_rules(values.pop("triggers"))]
     return values
