@@ -9,56 +9,67 @@ from pathlib import Path
 
 from calm_rt.cli._registry import arguments, command
 
+# The serve flags that a rig file's keys also set (serve.rigfile.OPTIONS, which holds their
+# defaults; a test keeps the two in step). Named here so that `calm-rt --help` imports no torch.
+SERVE_OPTION_DESTS = (
+    "ingest", "ingest_mode", "publish", "control", "checkpoint", "fps", "kind", "horizon", "rois",
+    "record", "triggers", "keys", "max_lag_ms", "data_dir", "threads", "device", "priority", "cpus",
+    "seconds",
+)  # fmt: skip
+
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--ingest",
-        default="tcp://127.0.0.1:5555",
-        help="the scope's endpoint (default tcp://127.0.0.1:5555)",
-    )
-    p.add_argument("--ingest-mode", choices=("sub", "pull"), default="sub",
-                   help="sub: connect to the scope's PUB (default); pull: bind and let the scope PUSH")  # fmt: skip
-    p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="where rigs subscribe (bound)")
-    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="JSON control socket (bound)")
-    p.add_argument(
-        "--checkpoint", type=Path, default=None, help="model checkpoint (default: shipped)"
-    )
-    p.add_argument(
-        "--fps", type=float, default=30.0, help="the scope's frame rate in Hz (default 30)"
-    )
-    p.add_argument(
-        "--kind", choices=("F", "dff"), default="F", help="what traces hold (default raw F)"
-    )
-    p.add_argument(
-        "--horizon", type=int, default=None, help="frames to forecast (default: the model's)"
-    )
-    p.add_argument(
-        "--rois", type=Path, default=None,
-        help="ROIs: a suite2p folder, an npz (labels, footprints or save_rois), ImageJ needs npz",
+        "--config", type=Path, default=None, metavar="RIG.toml",
+        help="read every option below from this TOML file; flags given override it "
+        "(docs/rig-config.md, docs/rig.example.toml)",
     )  # fmt: skip
     p.add_argument(
-        "--record", type=Path, default=None, help="record inputs and outputs to this HDF5 file"
-    )
+        "--print-config", action="store_true",
+        help="write the effective configuration as TOML to stdout and exit, binding nothing",
+    )  # fmt: skip
     p.add_argument(
-        "--triggers", type=Path, default=None, help="JSON file of closed-loop trigger rules"
+        "--ingest",
+        help="the scope's endpoint (default tcp://127.0.0.1:5555)",
     )
-    p.add_argument("--keys", type=Path, default=None, help="CURVE key folder (from `calm-rt keys`)")
+    p.add_argument("--ingest-mode", choices=("sub", "pull"),
+                   help="sub: connect to the scope's PUB (default); pull: bind and let the scope PUSH")  # fmt: skip
+    p.add_argument("--publish", help="where rigs subscribe (bound)")
+    p.add_argument("--control", help="JSON control socket (bound)")
+    p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    p.add_argument("--fps", type=float, help="the scope's frame rate in Hz (default 30)")
+    p.add_argument("--kind", choices=("F", "dff"), help="what traces hold (default raw F)")
+    p.add_argument("--horizon", type=int, help="frames to forecast (default: the model's)")
     p.add_argument(
-        "--max-lag-ms", type=float, default=500.0,
+        "--rois", type=Path,
+        help="ROIs: a suite2p folder, an npz (labels, footprints or save_rois), ImageJ needs npz",
+    )  # fmt: skip
+    p.add_argument("--record", type=Path, help="record inputs and outputs to this HDF5 file")
+    p.add_argument("--triggers", type=Path, help="JSON file of closed-loop trigger rules")
+    p.add_argument("--keys", type=Path, help="CURVE key folder (from `calm-rt keys`)")
+    p.add_argument(
+        "--max-lag-ms", type=float,
         help="when a frame has waited this long, jump to the newest (default 500)",
     )  # fmt: skip
     p.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir", type=Path,
         help="files a peer names over the control socket must lie here (default: working dir)",
     )  # fmt: skip
     _threads_arg(p)
     _device_arg(p)
     _priority_args(p)
-    p.add_argument(
-        "--seconds", type=float, default=None, help="stop after this long (default: until stopped)"
-    )
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until stopped)")
     _exit_with_arg(p)
+    # Only flags given explicitly reach the namespace, so that they can override the
+    # file; the built-in defaults live with the file's keys (serve.rigfile.OPTIONS).
+    # (set_defaults would not do: it puts the SUPPRESS string itself into the namespace.)
+    for action in p._actions:
+        if action.dest in SERVE_OPTION_DESTS:
+            action.default = argparse.SUPPRESS
     p.epilog = (p.epilog or "") + (
+        "\n  calm-rt serve --config rig.toml --fps 15   # a rig file; flags given override it\n"
+        "  calm-rt serve --config rig.toml --print-config   # the effective configuration\n"
+        "rig files: docs/rig-config.md, every key in docs/rig.example.toml"
         "\n\nexit status: 0 when stopped by `shutdown`, SIGINT, SIGTERM or --seconds; 1 a bad\n"
         "option at start; 70 (EX_SOFTWARE) when a service thread died (the traceback is\n"
         "logged, the recording closed, a final status published with the reason)."
@@ -139,17 +150,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Exit 0 when stopped by ``shutdown``, SIGINT, SIGTERM or ``--seconds``; EXIT_CRASH otherwise."""
     import signal
 
-    from calm_rt.live import load_rules
     from calm_rt.serve import EXIT_CRASH, Server, ServiceConfig
+    from calm_rt.serve.rigfile import dump_toml, effective_options, load_rig_file
     from calm_rt.wire import CurveKeys
 
-    rules = tuple(r.to_dict() for r in load_rules(args.triggers)) if args.triggers else ()
+    flags = {dest: getattr(args, dest) for dest in SERVE_OPTION_DESTS if hasattr(args, dest)}
+    opts = effective_options(load_rig_file(args.config) if args.config else {}, flags)
+    if args.print_config:
+        sys.stdout.write(dump_toml(opts))
+        return 0
     config = ServiceConfig(
-        ingest=args.ingest, ingest_mode=args.ingest_mode, publish=args.publish, control=args.control,
-        checkpoint=args.checkpoint, fps=args.fps, kind=args.kind, horizon=args.horizon, rois=args.rois,
-        record=args.record, triggers=rules, keys=CurveKeys.from_folder(args.keys) if args.keys else None,
-        torch_threads=args.threads, max_lag_ms=args.max_lag_ms, data_dir=args.data_dir,
-        device=args.device, priority=args.priority, cpus=args.cpus,
+        ingest=opts["ingest"], ingest_mode=opts["ingest_mode"], publish=opts["publish"],
+        control=opts["control"], checkpoint=opts["checkpoint"], fps=opts["fps"], kind=opts["kind"],
+        horizon=opts["horizon"], rois=opts["rois"], auto_segment=opts["auto_segment"],
+        segment_frames=opts["segment_frames"], max_lag_ms=opts["max_lag_ms"],
+        max_backlog=opts["max_backlog"], record=opts["record"], triggers=tuple(opts["rules"]),
+        keys=CurveKeys.from_folder(opts["keys"]) if opts["keys"] else None,
+        status_every_s=opts["status_every_s"], torch_threads=opts["threads"],
+        data_dir=opts["data_dir"], device=opts["device"], priority=opts["priority"],
+        cpus=tuple(opts["cpus"]),
     )  # fmt: skip
     server = Server(config).start()
     stop = lambda signum, frame: server.request_stop(f"signal {signum}")  # noqa: E731
@@ -160,13 +179,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             args.exit_with, lambda: server.request_stop(f"process {args.exit_with} ended")
         )
     print(
-        f"serving: ingest {args.ingest} ({args.ingest_mode}), publish {args.publish}, control {args.control}",
+        f"serving: ingest {opts['ingest']} ({opts['ingest_mode']}), publish {opts['publish']}, "
+        f"control {opts['control']}",
         flush=True,
     )
     try:
-        server.wait(args.seconds)
+        server.wait(opts["seconds"])
     finally:
-        server.stop("--seconds elapsed" if args.seconds else "stopped")
+        server.stop("--seconds elapsed" if opts["seconds"] else "stopped")
     print(json.dumps(server.status(final=True)), flush=True)
     if server.error is not None:
         print(f"calm-rt serve: error: {server.error}", file=sys.stderr)

@@ -8,7 +8,8 @@
 holds the control commands; :mod:`.recording` the crash-safe HDF5
 recording; :mod:`.client` the rig side (:class:`RigClient`,
 :func:`control_request`); :mod:`.mockscope` a microscope stand-in;
-:mod:`.demo` the whole loop on loopback.
+:mod:`.demo` the whole loop on loopback; :mod:`.rigfile` a rig's serve settings as
+one TOML file (``calm-rt serve --config``).
 """
 
 from calm_rt.serve.client import Endpoints, LatencyStats, RigClient, control_request
