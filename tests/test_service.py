@@ -356,11 +356,12 @@ def test_killed_server_leaves_a_readable_recording(model, session, tmp_path):
     push = ctx.socket(zmq.PUSH)
     push.connect(ingest)
     try:
-        _wait(lambda: _answered(ctl_ep) is not None, timeout=60)
+        _wait(lambda: _answered(ctl_ep) is not None, timeout=120)
         for t in range(100):
             push.send_multipart(encode("traces", {"seq": t}, {"traces": session.traces[:, t]}))
-            time.sleep(0.01)
-        _wait(lambda: (_answered(ctl_ep) or 0) >= 100, timeout=30)
+            # Each frame answered before the next: on a loaded machine a server that falls
+            # behind skips frames (by design), and a skipped frame is never recorded.
+            _wait(lambda t=t: (_answered(ctl_ep) or 0) >= t + 1, timeout=60)
         proc.send_signal(signal.SIGKILL)  # a crash: no chance to close the file
         proc.wait(timeout=10)
     finally:
