@@ -223,3 +223,23 @@ def test_refuses_what_is_not_a_recording_and_an_existing_out(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["export", str(src), str(tmp_path / "w.nwb")]) == 1
     assert "--nwb" in capsys.readouterr().err
+
+
+def test_regular_frames_are_written_with_a_rate_and_no_metadata_is_reported(tmp_path, capsys):
+    src, out = tmp_path / "rec.h5", tmp_path / "rec.nwb"
+    rec = Recorder(src, N, FPS, H, chunk_frames=10)
+    for seq in range(40):  # no drop, exact times: a rate, as NWB asks, not timestamps
+        rec.append(traces=np.full(N, seq, np.float32), seq=seq, t_acq=T0 + seq / 32,
+                   t_arrival=T0, t_publish=T0, forecast=np.zeros((N, H), np.float32),
+                   forecast_std=np.ones((N, H), np.float32))  # fmt: skip
+    rec.close()
+    assert main(["export", "--nwb", str(src), str(out)]) == 0
+    assert "missing for an NWB archive" in capsys.readouterr().out
+    io, nwb = _read(out)
+    with io:
+        raw = nwb.processing["ophys"]["Fluorescence"]["RoiResponseSeries"]
+        assert raw.timestamps is None and raw.rate == pytest.approx(32.0)
+        assert "DfOverF" not in nwb.processing["ophys"].data_interfaces  # no engine ran: all NaN
+        assert "behavior" not in nwb.processing and nwb.subject is None
+    assert any("check_subject_exists" in m for m in _serious(out))  # the inspector is awake
+    assert load_session(out, drop_bad=False).fps == pytest.approx(32.0)

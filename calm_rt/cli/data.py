@@ -124,15 +124,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         "--metadata", type=Path, default=None,
         help="JSON or TOML file of metadata keys (see docs/data.md); flags override it",
     )  # fmt: skip
-    for key in _META_FLAGS:
+    for key in _META_FLAGS:  # their meanings: docs/data.md (not imported here: keeps --help fast)
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, metavar="TEXT",
-                       help=_meta_help(key))  # fmt: skip
-
-
-def _meta_help(key: str) -> str:
-    from calm_rt.serve.nwb_export import METADATA_KEYS
-
-    return METADATA_KEYS[key]
+                       help=f"metadata {key!r}")  # fmt: skip
 
 
 @command(
