@@ -217,6 +217,7 @@ def _export(
             species=meta.get("species"),
             sex=str(meta.get("sex", "U")),
             age=meta.get("age"),
+            description="the animal imaged in this live session",
         )
     missing = [k for k in ("subject_id", "species", "age") if k not in meta]
     if missing:
