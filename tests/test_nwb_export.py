@@ -191,6 +191,16 @@ def test_metadata_file_with_flags_overriding_and_unknown_keys_refused(tmp_path, 
     assert main(["export", "--nwb", str(src), str(tmp_path / "b.nwb"), "--metadata", str(bad)]) == 1
     assert "unknown metadata key 'speceis'" in capsys.readouterr().err
     assert not (tmp_path / "b.nwb").exists()
+    for flags, said in (
+        (["--sex", "female"], "'sex' must be M, F, O or U"),
+        (["--age", "90 days"], "not an ISO 8601 duration"),
+        (["--subject-id", "cage3/m12"], "must not hold '/'"),
+    ):
+        assert main(["export", "--nwb", str(src), str(tmp_path / "e.nwb"), *flags]) == 1
+        assert said in capsys.readouterr().err
+    bad.write_text(json.dumps({"species": 12}))
+    assert main(["export", "--nwb", str(src), str(tmp_path / "f.nwb"), "--metadata", str(bad)]) == 1
+    assert "'species' must be a string" in capsys.readouterr().err
     late = ["--session-start-time", "2027-01-01T00:00:00+00:00"]
     assert main(["export", "--nwb", str(src), str(tmp_path / "c.nwb"), *late]) == 1
     assert "after the first frame" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -97,6 +98,34 @@ def _check_keys(meta: dict[str, Any], where: str) -> None:
             + (f" (and {unknown[1:]})" if unknown[1:] else "")
             + f"; known keys: {', '.join(METADATA_KEYS)}"
         )
+    for key, value in meta.items():
+        if key in ("experimenter", "keywords"):
+            ok = isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            )
+            want = "a string or a list of strings"
+        elif key in ("excitation_lambda", "emission_lambda"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            want = "a wavelength in nm (a positive number)"
+        elif key == "session_start_time":
+            ok, want = isinstance(value, (str, datetime)), "an ISO 8601 date-time"
+        else:
+            ok = isinstance(value, str) or (key in ("subject_id", "session_id")
+                                            and isinstance(value, int))  # fmt: skip
+            want = "a string"
+        if not ok:
+            raise ConfigError(f"{where}: metadata {key!r} must be {want}, got {value!r}")
+    if "sex" in meta and meta["sex"] not in ("M", "F", "O", "U"):
+        raise ConfigError(f"{where}: metadata 'sex' must be M, F, O or U, got {meta['sex']!r}")
+    if "age" in meta and not re.fullmatch(
+        r"P(?=\d|T\d)[\dYMWD.]*(T[\dHMS.]+)?(/\S*)?", meta["age"]
+    ):
+        raise ConfigError(
+            f"{where}: metadata 'age' {meta['age']!r} is not an ISO 8601 duration (e.g. P90D)"
+        )
+    for key in ("subject_id", "session_id"):
+        if "/" in str(meta.get(key, "")):
+            raise ConfigError(f"{where}: metadata {key!r} must not hold '/', got {meta[key]!r}")
 
 
 def _start_time(value: Any) -> datetime:
@@ -367,6 +396,7 @@ def _export(
     calm = nwb.create_processing_module(
         NWB_EXPORT_MODULE, f"what the calm-rt server answered for each frame (horizon {h} frames)"
     )
+    server0 = times[0] - rel[0] if wall_clock else a["t_arrival"][0] - rel[0]
     std_meaning = "predictive s.d. of forecast (same units and indices)"
     calm.add(TimeSeries(
         name="forecast", data=big(a["forecast"]), unit="s.d.", **when(),
@@ -389,7 +419,7 @@ def _export(
             "behaviour's own units",
         ))  # fmt: skip
     calm.add(TimeSeries(
-        name="server_times", data=np.stack([a["t_arrival"], a["t_publish"]], 1) - (times[0] - rel[0]),
+        name="server_times", data=np.stack([a["t_arrival"], a["t_publish"]], 1) - server0,
         unit="seconds", **when(),
         description="per frame: when the server received it and when it published the "
         "answer, s from the session start (server clock)",
@@ -404,7 +434,7 @@ def _export(
                 ("seq", "frame sequence number whose forecast fired", ev["seq"].astype(np.int64)),
                 ("frame_time", "that frame's time, s from the session start", frame_time),
                 ("publish_time", "when the event was published, s from the session start",
-                 ev["t_publish"] - (times[0] - rel[0])),
+                 ev["t_publish"] - server0),
                 ("rule", "the trigger rule", [r.decode() for r in ev["rule"]]),
                 ("value", "the forecast value that crossed the threshold", ev["value"]),
                 ("threshold", "the rule's threshold", ev["threshold"]),
