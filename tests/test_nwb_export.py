@@ -253,3 +253,59 @@ def test_regular_frames_are_written_with_a_rate_and_no_metadata_is_reported(tmp_
         assert "behavior" not in nwb.processing and nwb.subject is None
     assert any("check_subject_exists" in m for m in _serious(out))  # the inspector is awake
     assert load_session(out, drop_bad=False).fps == pytest.approx(32.0)
+
+
+def test_a_real_server_recording_exports_clean(tmp_path):
+    """A tiny model behind a real server records 39 frames (seq 20 never sent); NWB holds them."""
+    import socket
+    import time
+
+    import torch
+    import zmq
+
+    from calm_rt.data import SimConfig, make_animal, simulate_session
+    from calm_rt.model import PRESETS, CalM
+    from calm_rt.serve import Server, ServiceConfig
+    from calm_rt.wire.protocol import encode
+
+    def free() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+    torch.manual_seed(0)
+    cfg = SimConfig(neurons=8, frames=60, seed=2)
+    session = simulate_session(cfg, make_animal(cfg, 0), 0)[0]
+    src = tmp_path / "live.h5"
+    server = Server(
+        ServiceConfig(ingest=free(), ingest_mode="pull", publish=free(), control=free(),
+                      max_lag_ms=60_000.0, data_dir=tmp_path, fps=30.0, record=src),
+        model=CalM(PRESETS["tiny"]).eval(),
+    ).start()  # fmt: skip
+    sent = [t for t in range(40) if t != 20]
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(server.config.ingest)
+    try:
+        for t in sent:
+            head = {"seq": t, "t_acq": T0 + t / 30.0}
+            bufs = {"traces": session.traces[:, t], "neuropil": session.neuropil[:, t]}
+            push.send_multipart(encode("traces", head, bufs))
+        deadline = time.monotonic() + 120
+        while server.status()["stages_ms"].get("record", {}).get("n", 0) < len(sent):
+            assert time.monotonic() < deadline, server.status()
+            time.sleep(0.05)
+    finally:
+        push.close(0)
+        ctx.term()
+        server.stop()
+    out = tmp_path / "live.nwb"
+    assert main(["export", "--nwb", str(src), str(out), *META]) == 0
+    io, nwb = _read(out)
+    with io:
+        raw = nwb.processing["ophys"]["Fluorescence"]["RoiResponseSeries"]
+        np.testing.assert_array_equal(raw.data[:], session.traces[:, sent].T)
+        np.testing.assert_allclose(raw.timestamps[:], (np.array(sent) - sent[0]) / 30.0, atol=1e-6)
+        forecast = nwb.processing["calm_rt"]["forecast"]
+        assert forecast.data.shape[:2] == (len(sent), 8) and np.isfinite(forecast.data[:]).all()
+    assert _serious(out) == []
