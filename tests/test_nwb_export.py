@@ -309,3 +309,24 @@ def test_a_real_server_recording_exports_clean(tmp_path):
         forecast = nwb.processing["calm_rt"]["forecast"]
         assert forecast.data.shape[:2] == (len(sent), 8) and np.isfinite(forecast.data[:]).all()
     assert _serious(out) == []
+
+
+def test_a_dff_session_goes_to_dfoverf_and_reads_back_as_dff(tmp_path):
+    src, out = tmp_path / "dff.h5", tmp_path / "dff.nwb"
+    rec = Recorder(src, N, FPS, H, kind="dff", chunk_frames=10)
+    rng = np.random.default_rng(1)
+    for seq in (0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12):
+        rec.append(traces=rng.normal(size=N).astype(np.float32), seq=seq, t_acq=T0 + seq / FPS,
+                   activity=rng.normal(size=N).astype(np.float32), t_arrival=T0, t_publish=T0,
+                   forecast=np.zeros((N, H), np.float32), forecast_std=np.ones((N, H), np.float32))  # fmt: skip
+    rec.close()
+    assert main(["export", "--nwb", str(src), str(out), *META]) == 0
+    io, nwb = _read(out)
+    with io:
+        dff = nwb.processing["ophys"]["DfOverF"]
+        assert set(dff.roi_response_series) == {"RoiResponseSeries", "NormalizedDfOverF"}
+        assert "Fluorescence" not in nwb.processing["ophys"].data_interfaces
+    session = load_session(out, drop_bad=False)
+    assert session.kind == "dff"
+    np.testing.assert_array_equal(session.traces, load_recording(src).arrays["traces"].T)
+    assert _serious(out) == []
