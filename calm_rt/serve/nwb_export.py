@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from calm_rt import __version__
 from calm_rt.data import NWB_EXPORT_MODULE, NWB_EXPORT_NEUROPIL, NWB_EXPORT_SERIES
 from calm_rt.errors import ConfigError, DataError
 from calm_rt.serve.recording import Recording, load_recording
@@ -269,8 +270,8 @@ def _export(
         experiment_description=meta.get("experiment_description"),
         keywords=keywords,
         subject=subject,
-        source_script="calm-rt export --nwb",
-        source_script_file_name=src.name,
+        source_script=f"calm-rt {__version__} export --nwb {src.name}",
+        source_script_file_name="calm_rt/serve/nwb_export.py",
     )
 
     a = rec.arrays
