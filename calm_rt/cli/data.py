@@ -1,9 +1,11 @@
-"""``calm-rt simulate`` and ``calm-rt info``: corpora and session files."""
+"""``calm-rt simulate``, ``calm-rt info`` and ``calm-rt export``: corpora and session files."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from calm_rt.cli._registry import arguments, command
@@ -100,4 +102,57 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"sessions": rows}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# export
+
+# Metadata flags: --subject-id sets "subject_id" and so on; they override --metadata FILE.
+_META_FLAGS = (
+    "subject_id", "species", "sex", "age", "session_description", "session_start_time",
+    "experimenter", "institution", "lab", "indicator", "location",
+)  # fmt: skip
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recording", type=Path, help="a recording the server wrote (.h5)")
+    p.add_argument("out", type=Path, help="the file to write")
+    p.add_argument("--nwb", action="store_true", help="write NWB (the one format so far)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--metadata", type=Path, default=None,
+        help="JSON or TOML file of metadata keys (see docs/data.md); flags override it",
+    )  # fmt: skip
+    for key in _META_FLAGS:  # their meanings: docs/data.md (not imported here: keeps --help fast)
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, metavar="TEXT",
+                       help=f"metadata {key!r}")  # fmt: skip
+
+
+@command(
+    "export",
+    "export a live recording to NWB (traces, ROIs, behaviour, forecasts, trigger events)",
+    "calm-rt export --nwb rec.h5 rec.nwb --subject-id m12 --species 'Mus musculus' --age P90D",
+)
+@arguments(_export_args)
+def _cmd_export(args: argparse.Namespace) -> int:
+    from calm_rt.errors import ConfigError
+    from calm_rt.serve.nwb_export import export_nwb, read_metadata
+
+    if not args.nwb:
+        raise ConfigError("say which format to write: --nwb (the only one so far)")
+    meta = read_metadata(args.metadata) if args.metadata else {}
+    meta.update({k: getattr(args, k) for k in _META_FLAGS if getattr(args, k) is not None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        out, notes = export_nwb(args.recording, args.out, meta, overwrite=args.overwrite)
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            print(f"calm-rt export: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for note in notes:
+        if not note.startswith("truncated:"):  # said above as a warning
+            print(f"note: {note}")
+    print(f"wrote {out}")
     return 0

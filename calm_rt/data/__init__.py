@@ -14,6 +14,9 @@ from calm_rt.data._movies import (
 )
 from calm_rt.data._preprocess import CausalPreprocessor, PreprocessConfig, preprocess_traces
 from calm_rt.data._readers import (
+    NWB_EXPORT_MODULE,
+    NWB_EXPORT_NEUROPIL,
+    NWB_EXPORT_SERIES,
     SUPPORTED_FORMATS,
     find_session_files,
     load_corpus,
@@ -50,6 +53,9 @@ __all__ = [
     "BEHAVIOR_NAMES",
     "INDICATORS",
     "NEURON_TYPES",
+    "NWB_EXPORT_MODULE",
+    "NWB_EXPORT_NEUROPIL",
+    "NWB_EXPORT_SERIES",
     "SUPPORTED_FORMATS",
     "TEST",
     "TRAIN",

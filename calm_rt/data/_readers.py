@@ -482,6 +482,12 @@ def _suite2p_fs(ops_path: Path) -> float | None:
 # ----------------------------------------------------------------------------
 # NWB
 
+# What ``calm-rt export --nwb`` writes: its module, traces (F, or dF/F for "dff"), neuropil;
+# a file with that module reads these by default, though it holds more series.
+NWB_EXPORT_MODULE = "calm_rt"
+NWB_EXPORT_SERIES = ("ophys/Fluorescence/RoiResponseSeries", "ophys/DfOverF/RoiResponseSeries")
+NWB_EXPORT_NEUROPIL = "ophys/Fluorescence/Neuropil"
+
 
 def read_nwb(path: PathLike, series: str | None = None, *, fps: float | None = None) -> Session:
     """Read an ``RoiResponseSeries`` from an NWB file.
@@ -544,9 +550,14 @@ def read_nwb(path: PathLike, series: str | None = None, *, fps: float | None = N
                 "any processing module; calm-rt needs extracted traces, not raw images",
                 path=str(p),
             )
+        export = NWB_EXPORT_MODULE in nwbfile.processing
+        if series is None and export and len(found) > 1:
+            series = next((k for k in NWB_EXPORT_SERIES if k in found), None)
         key = _pick_series(found, series, path=str(p))
         rrs, kind = found[key]
         traces, stored_fps = _series_arrays(rrs, path=str(p), key=key)
+        pil = NWB_EXPORT_NEUROPIL if export and key in NWB_EXPORT_SERIES else ""
+        neuropil = _series_arrays(found[pil][0], path=str(p), key=pil)[0] if pil in found else None
         if stored_fps is None and fps is None:
             raise DataError(
                 "has neither a rate nor two timestamps; pass fps= (Hz)",
@@ -569,6 +580,7 @@ def read_nwb(path: PathLike, series: str | None = None, *, fps: float | None = N
             animal_id=animal,
             session_id=str(nwbfile.identifier),
             neuron_ids=ids,
+            neuropil=None if neuropil is None else neuropil.astype(np.float32),
             source=str(p),
         )
     session = validate_session(session)

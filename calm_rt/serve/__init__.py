@@ -6,7 +6,7 @@
 
 :class:`Server` starts the four threads (:mod:`.server`); :mod:`.commands`
 holds the control commands; :mod:`.recording` the crash-safe HDF5
-recording; :mod:`.client` the rig side (:class:`RigClient`,
+recording, :mod:`.nwb_export` the same as NWB; :mod:`.client` the rig side (:class:`RigClient`,
 :func:`control_request`); :mod:`.mockscope` a microscope stand-in;
 :mod:`.demo` the whole loop on loopback; :mod:`.rigfile` a rig's serve settings as
 one TOML file (``calm-rt serve --config``).

@@ -250,11 +250,15 @@ def _open(path: str) -> h5py.File:
             "frame holds nothing",
             path=path,
         ) from exc
-    if f.attrs.get("format") != FORMAT:
+    try:
+        fmt = f.attrs.get("format")
+    except (KeyError, OSError):  # an HDF5 file not written for SWMR reads broken this way
         f.close()
-        raise DataError(
-            f"is not a calm-rt recording (format attribute {f.attrs.get('format')!r})", path=path
-        )
+        with h5py.File(path, "r") as plain:
+            fmt = plain.attrs.get("format")
+    if fmt != FORMAT:
+        f.close()
+        raise DataError(f"is not a calm-rt recording (format attribute {fmt!r})", path=path)
     return f
 
 
