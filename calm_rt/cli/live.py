@@ -350,7 +350,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         }
     with RigClient(args.connect, tuple(args.topics), callbacks, **curve) as rig:
         done = (
-            (lambda: rig.stats_by_topic["forecast"].seqs.__len__() >= args.frames)
+            (lambda: rig.stats_by_topic["forecast"].received >= args.frames)
             if args.frames
             else None
         )
