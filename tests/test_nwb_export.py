@@ -330,3 +330,38 @@ def test_a_dff_session_goes_to_dfoverf_and_reads_back_as_dff(tmp_path):
     assert session.kind == "dff"
     np.testing.assert_array_equal(session.traces, load_recording(src).arrays["traces"].T)
     assert _serious(out) == []
+
+
+@pytest.mark.slow
+def test_a_demo_recording_of_raw_frames_exports_with_its_rois(tmp_path, capsys):
+    """`calm-rt demo --record` (scope, server extracting raw frames, rig) -> `export --nwb`."""
+    import torch
+
+    from calm_rt.model import PRESETS, CalM, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(CalM(PRESETS["tiny"]).eval(), tmp_path / "ckpt")
+    rec, out, summary = tmp_path / "demo.h5", tmp_path / "demo.nwb", tmp_path / "demo.json"
+    assert main(["demo", "--seconds", "2", "--neurons", "10", "--size", "64", "--checkpoint",
+                 str(ckpt), "--workdir", str(tmp_path / "work"), "--threads", "1",
+                 "--record", str(rec), "--json", str(summary)]) == 0  # fmt: skip
+    ran = json.loads(summary.read_text())
+    assert ran["recording"] == str(rec.resolve())
+    capsys.readouterr()
+    assert main(["export", "--nwb", str(rec), str(out), *META]) == 0
+    recorded = load_recording(rec)
+    io, nwb = _read(out)
+    with io:
+        ophys = nwb.processing["ophys"]
+        raw = ophys["Fluorescence"]["RoiResponseSeries"]
+        # Every frame the server answered is a row (the demo's server records each one).
+        assert raw.data.shape == (ran["server"]["answered"], 10)
+        np.testing.assert_array_equal(raw.data[:], recorded.arrays["traces"])
+        seg = ophys["ImageSegmentation"]["PlaneSegmentation"]
+        assert len(seg) == 10
+        # The ROIs are the demo's cells: real masks, each on its own pixels.
+        masks = [np.asarray(seg["pixel_mask"][i].tolist()) for i in range(10)]
+        assert all(m.shape[0] > 5 and (m[:, 2] > 0).all() for m in masks)
+        np.testing.assert_array_equal(ophys["MotionShift"].data[:], recorded.arrays["shift"])
+        assert np.abs(recorded.arrays["shift"]).max() > 0.5  # the simulated scene moved
+    assert _serious(out) == []

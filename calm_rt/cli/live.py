@@ -403,6 +403,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", type=Path, default=Path("demo-out"), help="where the movie and ROIs go"
     )
+    p.add_argument(
+        "--record", type=Path, default=None,
+        help="the server records the session to this HDF5 file (then: calm-rt export --nwb)",
+    )  # fmt: skip
     _threads_arg(p)
     _device_arg(p)
 
@@ -414,12 +418,15 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 )
 @arguments(_demo_args)
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from calm_rt.errors import ConfigError
     from calm_rt.live.device import resolve_device
     from calm_rt.serve.demo import run_demo
 
     device = resolve_device(args.device)  # fails here, before rendering, without a GPU
 
     if args.gui:
+        if args.record is not None:
+            raise ConfigError("--record applies to the headless demo; drop --gui to record")
         run_live_demo = _gui_entry_point()
         print(
             "opening napari: the demo streams until the window is closed (--seconds and --json "
@@ -433,7 +440,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(
         seconds=args.seconds, neurons=args.neurons, size=args.size, fps=args.fps,
         checkpoint=args.checkpoint, workdir=args.workdir, log=lambda m: print(m, flush=True),
-        threads=args.threads, device=device,
+        threads=args.threads, device=device, record=args.record,
     )  # fmt: skip
     summary.pop("latencies_ms", None)
     print(json.dumps(summary, indent=2))

@@ -124,8 +124,10 @@ class Demo:
         start_timeout_s: float = 300.0,
         device: str = "auto",
         priority: str = "normal",
+        record: Path | None = None,
     ) -> None:
         self.neurons, self.size, self.frames, self.fps = neurons, size, frames, fps
+        self.record = Path(record).resolve() if record is not None else None
         self.checkpoint, self.model, self.calibrate_s, self.seed = (
             checkpoint,
             model,
@@ -238,6 +240,9 @@ class Demo:
         if self.server_threads:
             cmd += ["--threads", str(self.server_threads)]
         cmd += ["--device", self.device.split(":", 1)[0], "--priority", self.priority]
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--record", str(self.record)]
         self._server_log = work / "server.log"
         with open(self._server_log, "wb") as out:
             self.server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -347,12 +352,14 @@ def run_demo(
     calibrate_s: float = 0.0,
     device: str = "auto",
     priority: str = "normal",
+    record: Path | None = None,
 ) -> dict[str, Any]:
     """Run scope -> server -> rig on loopback for ``seconds``; return the summary.
 
     ``threads``: torch threads of the server (default: all cores but one);
     ``device``: where the server's model runs (``auto``, ``cpu`` or ``cuda``);
-    ``priority``: the server's scheduling (``calm-rt serve --priority``).
+    ``priority``: the server's scheduling (``calm-rt serve --priority``);
+    ``record``: the server records the session there (``calm-rt serve --record``).
     Long runs loop a 20 s movie: rendering and holding hours of 512x512
     frames buys nothing here.
     """
@@ -360,7 +367,7 @@ def run_demo(
     demo = Demo(
         neurons=neurons, size=size, frames=min(frames, 600), fps=fps, checkpoint=checkpoint,
         calibrate_s=calibrate_s, server_threads=threads, stream_frames=frames, workdir=workdir,
-        device=device, priority=priority,
+        device=device, priority=priority, record=record,
     )  # fmt: skip
     log(f"rendering (or reusing) a simulated {size}x{size} movie of {neurons} neurons...")
     demo.start(stream=False)
@@ -414,6 +421,7 @@ def run_demo(
         "server": {k: status[k] for k in _SERVER_KEYS},
         "scope_pacing_p99_ms": sent.get("pacing_p99_ms"),
         "machine": machine(),
+        **({"recording": str(demo.record)} if demo.record is not None else {}),
         "latencies_ms": forecast.get("latencies_ms", []),
     }
 
