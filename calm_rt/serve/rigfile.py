@@ -189,14 +189,17 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _elsewhere(key: str) -> str:
+    """A hint naming the table where ``key`` (or a key close to it) belongs ("" if none)."""
+    where = [o.where for o in OPTIONS if o.key == key] or [
+        o.where for o in OPTIONS if difflib.get_close_matches(key, [o.key], cutoff=0.75)
+    ]
+    return f"; did you mean {where[0]!r}?" if where else ""
+
+
 def _unknown_key(path: Path, table: str, key: str) -> ConfigError:
     here = [o.key for o in OPTIONS if o.table == table]
-    hint = _suggest(key, here)
-    if not hint:  # the right key in the wrong table?
-        elsewhere = [o.where for o in OPTIONS if o.key == key] or [
-            o.where for o in OPTIONS if difflib.get_close_matches(key, [o.key], cutoff=0.75)
-        ]
-        hint = f"; did you mean {elsewhere[0]!r}?" if elsewhere else ""
+    hint = _suggest(key, here) or _elsewhere(key)  # or the right key in the wrong table?
     return ConfigError(
         f"{path}: unknown key {key!r} in [{table}]{hint} (valid keys in [{table}]: "
         f"{', '.join(here)}; see docs/rig-config.md)"
@@ -222,10 +225,7 @@ def load_rig_file(path: str | Path) -> dict[str, Any]:
         if table == "triggers":
             continue
         if table not in TABLES and not isinstance(body, dict):
-            top = [o.where for o in OPTIONS if o.key == table] or [
-                o.where for o in OPTIONS if difflib.get_close_matches(table, [o.key], cutoff=0.75)
-            ]
-            hint = f"; did you mean {top[0]!r}?" if top else ""
+            hint = _elsewhere(table)
             raise ConfigError(
                 f"{path}: key {table!r} is outside any table{hint} (every key belongs in "
                 f"one of {', '.join(f'[{t}]' for t in TABLES)}; see docs/rig-config.md)"
