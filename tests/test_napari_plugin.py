@@ -16,8 +16,10 @@ pytest.importorskip("napari", reason="napari is part of the gui extra")
 pytest.importorskip("pyqtgraph", reason="pyqtgraph is part of the gui extra")
 
 import torch
+import zmq
 
 from calm_rt.data import SimConfig, make_animal, simulate_session, write_npz
+from calm_rt.errors import ConfigError
 from calm_rt.extract import save_rois
 from calm_rt.model import PRESETS, CalM
 from calm_rt.offline.replay import replay_session
@@ -56,18 +58,25 @@ def live_server(tiny_model, tmp_path_factory):
     source = simulated_movie(neurons=10, size=64, frames=300, fps=30.0, seed=3)
     rois = tmp_path_factory.mktemp("rois") / "rois.npz"
     save_rois(rois, source.footprints)
-    scope_ep, publish_ep, control_ep = free_endpoint(), free_endpoint(), free_endpoint()
     always = {"name": "T", "neurons": [2, 5], "threshold": -100.0, "refractory_ms": 300}
-    config = ServiceConfig(
-        ingest=scope_ep,
-        publish=publish_ep,
-        control=control_ep,
-        fps=30.0,
-        rois=rois,
-        triggers=(always,),
-    )
-    scope = ScopeLoop(scope_ep, source, fps=30.0)
-    server = Server(config, model=tiny_model).start()
+    for attempt in range(5):
+        # A port free a moment ago can be taken by another test's outgoing connection
+        # (same ephemeral range) before we bind it: then take fresh ones.
+        scope_ep, publish_ep, control_ep = free_endpoint(), free_endpoint(), free_endpoint()
+        config = ServiceConfig(
+            ingest=scope_ep, publish=publish_ep, control=control_ep, fps=30.0, rois=rois,
+            triggers=(always,),
+        )  # fmt: skip
+        scope = None
+        try:
+            scope = ScopeLoop(scope_ep, source, fps=30.0)
+            server = Server(config, model=tiny_model).start()
+            break
+        except (ConfigError, zmq.ZMQError) as exc:
+            if scope is not None:
+                scope.stop()  # not started: closes its socket
+            if "Address already in use" not in str(exc) or attempt == 4:
+                raise
     scope.start()
     yield Endpoints(publish=publish_ep, control=control_ep, scope=scope_ep), rois
     scope.stop()
