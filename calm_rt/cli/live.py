@@ -42,7 +42,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=int, help="frames to forecast (default: the model's)")
     p.add_argument(
         "--rois", type=Path,
-        help="ROIs: a suite2p folder, an npz (labels, footprints or save_rois), ImageJ needs npz",
+        help="ROIs: a suite2p folder, an npz (labels, footprints or save_rois), ImageJ needs npz; "
+        "a folder of plane0, plane1, ... for a multi-plane stream",
     )  # fmt: skip
     p.add_argument("--record", type=Path, help="record inputs and outputs to this HDF5 file")
     p.add_argument("--triggers", type=Path, help="JSON file of closed-loop trigger rules")
@@ -214,10 +215,19 @@ def _mockscope_args(p: argparse.ArgumentParser) -> None:
         "--fps", type=float, default=None, help="frame rate (default: the source's, else 30)"
     )
     p.add_argument(
-        "--frames", type=int, default=None, help="frames to send (default: the whole source)"
-    )
+        "--frames", type=int, default=None,
+        help="frames to send, volumes with --planes (default: the whole source)",
+    )  # fmt: skip
     p.add_argument("--loop", action="store_true", help="loop the source")
-    p.add_argument("--neurons", type=int, default=256, help="simulated neurons (default 256)")
+    p.add_argument(
+        "--neurons", type=int, default=256,
+        help="simulated neurons, shared among the planes (default 256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--planes", type=int, default=1,
+        help="simulate a multi-plane scope: K planes per volume, --fps volumes a second; "
+        "--rois-out is then a folder of plane0.npz .. (default 1)",
+    )  # fmt: skip
     p.add_argument(
         "--size", type=int, default=512, help="simulated frame size in pixels (default 512)"
     )
@@ -229,7 +239,10 @@ def _mockscope_args(p: argparse.ArgumentParser) -> None:
         help=".npy [T, B] behaviour sent beside each frame of a movie source (looped with it)",
     )  # fmt: skip
     p.add_argument(
-        "--rois-out", type=Path, default=None, help="write the simulated footprints here (npz)"
+        "--rois-out",
+        type=Path,
+        default=None,
+        help="write the simulated footprints here (npz; a folder with --planes)",
     )
     p.add_argument(
         "--wait-s", type=float, default=30.0, help="wait this long for a subscriber (pub)"
@@ -254,20 +267,37 @@ def _cmd_mockscope(args: argparse.Namespace) -> int:
     import numpy as np
 
     from calm_rt.errors import ConfigError
-    from calm_rt.extract import save_rois
-    from calm_rt.serve.mockscope import FrameSource, MockScope, simulated_movie
+    from calm_rt.extract import Footprints, save_rois, save_volume_rois
+    from calm_rt.serve.mockscope import FrameSource, MockScope, simulated_movie, simulated_volume
 
     _claim_cpu(args)
+    if args.planes < 1:
+        raise ConfigError(f"--planes must be at least 1, got {args.planes}")
     if args.source is not None:
+        if args.planes > 1:
+            raise ConfigError(
+                "--planes simulates a multi-plane scope; it does not apply to --source"
+            )
         source = FrameSource.from_file(args.source)
     else:
+        planes = f" in {args.planes} planes" if args.planes > 1 else ""
         print(
-            f"rendering a simulated {args.size}x{args.size} movie of {args.neurons} neurons...",
+            f"rendering a simulated {args.size}x{args.size} movie of {args.neurons} neurons"
+            f"{planes}...",
             flush=True,
         )
-        source = simulated_movie(args.neurons, args.size, args.sim_frames, args.fps or 30.0)
-        if args.rois_out:
+        if args.planes > 1:
+            source = simulated_volume(
+                args.neurons, args.planes, args.size, args.sim_frames, args.fps or 30.0
+            )
+        else:
+            source = simulated_movie(args.neurons, args.size, args.sim_frames, args.fps or 30.0)
+        if args.rois_out and isinstance(source.footprints, Footprints):
             save_rois(args.rois_out, source.footprints)
+        elif args.rois_out and source.footprints is not None:
+            if args.rois_out.suffix == ".npz":
+                raise ConfigError("with --planes, --rois-out is a folder (plane0.npz, ...)")
+            save_volume_rois(args.rois_out, source.footprints)
     if args.behavior is not None:
         source = source.with_behavior(np.load(args.behavior, allow_pickle=False))
     fps = args.fps or source.fps or 30.0
@@ -279,7 +309,9 @@ def _cmd_mockscope(args: argparse.Namespace) -> int:
         if not scope.wait_for_subscriber(args.wait_s):
             raise ConfigError(f"no subscriber connected to {args.endpoint} within {args.wait_s} s")
         frames = (
-            args.frames if args.frames is not None else (None if args.loop else source.n_frames)
+            args.frames * source.planes
+            if args.frames is not None
+            else (None if args.loop else source.n_frames)
         )
         print(f"streaming {source.kind} at {fps:g} Hz on {args.endpoint}", flush=True)
         stats = scope.stream(

@@ -12,10 +12,13 @@ engine's :class:`calm_rt.data.CausalPreprocessor`.
 from calm_rt.extract.motion import MotionConfig, MotionCorrector, MotionEstimate
 from calm_rt.extract.rois import (
     Footprints,
+    VolumeRois,
     as_footprints,
     footprints_from_array,
     load_rois,
+    load_volume_rois,
     save_rois,
+    save_volume_rois,
 )
 from calm_rt.extract.segment import (
     AutoSegmenter,
@@ -36,10 +39,13 @@ __all__ = [
     "RoiExtractor",
     "SegmentConfig",
     "Segmentation",
+    "VolumeRois",
     "as_footprints",
     "detect_cells",
     "footprints_from_array",
     "load_rois",
+    "load_volume_rois",
     "save_rois",
+    "save_volume_rois",
     "segment_movie",
 ]

@@ -33,10 +33,13 @@ from calm_rt.errors import DataError
 
 __all__ = [
     "Footprints",
+    "VolumeRois",
     "as_footprints",
     "footprints_from_array",
     "load_rois",
+    "load_volume_rois",
     "save_rois",
+    "save_volume_rois",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -84,6 +87,38 @@ class Footprints:
     def labels(self) -> np.ndarray:
         """``[H, W]`` int32 label image: ROI k is label k + 1 where it is the strongest, 0 elsewhere."""
         return labels_from_weights(self.weights, self.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeRois:
+    """ROIs of a multi-plane (volumetric) stream: one :class:`Footprints` per plane.
+
+    The neurons of all planes are one population: plane 0's ROIs first, then
+    plane 1's, and so on (``offsets[k]`` is plane k's first neuron index).
+    """
+
+    planes: tuple[Footprints, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.planes) < 1:
+            raise DataError("a volume needs ROIs for at least one plane", field="planes")
+
+    @property
+    def n_planes(self) -> int:
+        return len(self.planes)
+
+    @property
+    def n_rois(self) -> int:
+        return sum(fp.n_rois for fp in self.planes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """First neuron index of each plane, and the total at the end (``K + 1`` numbers)."""
+        return tuple(int(x) for x in np.cumsum([0] + [fp.n_rois for fp in self.planes]))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"plane{k}/{name}" for k, fp in enumerate(self.planes) for name in fp.names)
 
 
 def _validated(
@@ -179,6 +214,12 @@ def load_rois(path: PathLike, shape: tuple[int, int] | None = None) -> Footprint
         DataError: unreadable or unknown file, no ROIs, ROIs outside the frame.
     """
     p = Path(path)
+    if p.is_dir() and len(_plane_paths(p)) > 1:
+        raise DataError(
+            f"holds {len(_plane_paths(p))} imaging planes; read them with load_volume_rois "
+            "(calm-rt serve --rois takes the folder as a multi-plane stream)",
+            path=str(p),
+        )
     if p.is_dir():
         for rel in (".", "plane0", "suite2p/plane0"):
             if (p / rel / "stat.npy").is_file():
@@ -213,6 +254,55 @@ def load_rois(path: PathLike, shape: tuple[int, int] | None = None) -> Footprint
     if shape is not None and tuple(shape) != fp.shape:
         raise DataError(f"ROIs are for {fp.shape} frames, not {tuple(shape)}", path=str(p))
     return fp
+
+
+def _plane_paths(folder: Path) -> list[Path]:
+    """``plane0``, ``plane1``, ... in ``folder`` (or its ``suite2p/``): folders or ``.npz`` files.
+
+    suite2p writes a multi-plane run as ``suite2p/plane0 .. planeK-1``;
+    :func:`save_volume_rois` writes ``plane0.npz ..``. Numbering must start
+    at 0 and have no hole (a missing plane would shift every later neuron).
+    """
+    for root in (folder, folder / "suite2p"):
+        found: dict[int, Path] = {}
+        for child in root.glob("plane*") if root.is_dir() else ():
+            stem = child.name.removesuffix(".npz") if child.is_file() else child.name
+            if stem[5:].isdigit() and (child.is_dir() or child.suffix == ".npz"):
+                found[int(stem[5:])] = child
+        if found:
+            if sorted(found) != list(range(len(found))):
+                raise DataError(
+                    f"plane folders/files are numbered {sorted(found)}; they must run 0..K-1",
+                    path=str(root),
+                )
+            return [found[k] for k in range(len(found))]
+    return []
+
+
+def load_volume_rois(
+    path: PathLike, shape: tuple[int, int] | None = None
+) -> Footprints | VolumeRois:
+    """ROIs of a stream: :class:`VolumeRois` for a multi-plane folder, else :func:`load_rois`.
+
+    A multi-plane folder holds ``plane0``, ``plane1``, ... (suite2p plane
+    folders, or ``.npz`` files as :func:`save_volume_rois` writes them),
+    directly or under ``suite2p/``; a folder of one plane is a single plane.
+    ``shape`` is every plane's frame size, as for :func:`load_rois`.
+    """
+    p = Path(path)
+    planes = _plane_paths(p) if p.is_dir() else []
+    if len(planes) < 2:
+        return load_rois(planes[0] if planes else p, shape)
+    return VolumeRois(tuple(load_rois(plane, shape) for plane in planes))
+
+
+def save_volume_rois(folder: PathLike, rois: VolumeRois) -> Path:
+    """Write a volume's ROIs as ``folder/plane{k}.npz`` (what :func:`load_volume_rois` reads)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, fp in enumerate(rois.planes):
+        save_rois(folder / f"plane{k}.npz", fp)
+    return folder
 
 
 def _read_npz_rois(p: Path) -> Footprints:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from calm_rt.errors import CalmError, ConfigError
-from calm_rt.extract import Footprints
+from calm_rt.extract import Footprints, VolumeRois
 from calm_rt.live import TriggerRule, TriggerSet, load_rules
 from calm_rt.model import CalM, load_checkpoint
 from calm_rt.serve.config import ServiceConfig
@@ -57,7 +57,7 @@ class CommandTarget(Protocol):
         self,
         model: CalM | None = None,
         meta: dict[str, Any] | None = None,
-        rois: Footprints | None = None,
+        rois: Footprints | VolumeRois | None = None,
         rois_source: str | None = None,
     ) -> None: ...
 
@@ -258,10 +258,10 @@ def _load_checkpoint(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _set_rois(c: CommandTarget, args: dict[str, Any]) -> dict[str, Any]:
-    from calm_rt.extract import load_rois
+    from calm_rt.extract import load_volume_rois
 
     _refuse_while_recording(c, "set_rois")
-    rois = load_rois(args["path"])
+    rois = load_volume_rois(args["path"])  # one plane, or a folder of plane0, plane1, ...
     for rule in c.triggers.rules.values():  # the new session must fit every rule, or none changes
         c.triggers.check(rule, rois.n_rois)
     c.replace_setup(rois=rois, rois_source=str(args["path"]))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from calm_rt.errors import CalmError
-from calm_rt.extract import Footprints
+from calm_rt.extract import Footprints, VolumeRois
 from calm_rt.live import TriggerRule, TriggerSet
 from calm_rt.model import CalM
 from calm_rt.serve.commands import run_command
@@ -179,7 +179,7 @@ class Compute:
         except CalmError as exc:  # incl. ConfigError: rules that do not fit a new session's neurons
             self.counters.reject(str(exc))
             return
-        self.counters.answered += 1
+        self.counters.answered += answer.answered  # 0 for a plane that waits for its volume
         self.counters.lost += answer.lost
         self.counters.triggers += answer.triggers
         for parts in answer.messages:
@@ -196,7 +196,7 @@ class Compute:
         self,
         model: CalM | None = None,
         meta: dict[str, Any] | None = None,
-        rois: Footprints | None = None,
+        rois: Footprints | VolumeRois | None = None,
         rois_source: str | None = None,
     ) -> None:
         """Start over with another model or other ROIs (the next frame starts a new session)."""

@@ -27,7 +27,7 @@ class ServiceConfig:
     fps: float = 30.0
     kind: str = "F"
     horizon: int | None = None
-    rois: Path | None = None  # footprints for raw frames (any format load_rois reads)
+    rois: Path | None = None  # footprints for raw frames (load_volume_rois: one plane or K)
     auto_segment: bool = True  # raw frames without ROIs: segment the first seconds of the stream
     segment_frames: int = 300  # frames the automatic segmentation learns from (10 s at 30 Hz)
     # When the oldest waiting frame has waited longer than this, compute is behind:

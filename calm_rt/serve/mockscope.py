@@ -28,7 +28,7 @@ from calm_rt.data import (
     simulate_session,
 )
 from calm_rt.errors import ConfigError
-from calm_rt.extract import Footprints
+from calm_rt.extract import Footprints, VolumeRois
 from calm_rt.wire.protocol import encode
 
 log = logging.getLogger("calm_rt.serve")
@@ -39,30 +39,38 @@ __all__ = [
     "ScopeLoop",
     "render_simulated_movie",
     "simulated_movie",
+    "simulated_volume",
 ]
 
 
 @dataclass
 class FrameSource:
-    """What to stream: ``kind`` is ``frame`` (images) or ``traces``; ``get(i)`` returns buffers."""
+    """What to stream: ``kind`` is ``frame`` (images) or ``traces``; ``get(i)`` returns buffers.
+
+    A multi-plane source (``planes`` K > 1) holds K plane frames per volume,
+    in order: frame ``i`` is plane ``i % K`` of volume ``i // K``.
+    """
 
     kind: str
     n_frames: int
     fps: float | None
     get: Any  # Callable[[int], dict[str, np.ndarray]]
-    footprints: Footprints | None = None  # sparse ROIs, for simulated movies
+    footprints: Footprints | VolumeRois | None = None  # sparse ROIs, for simulated movies
+    planes: int = 1
 
     def with_behavior(self, behavior: np.ndarray) -> FrameSource:
         """The same frames, each with its behaviour sample ``behavior[i]`` (``[T, B]``) beside it."""
         beh = np.asarray(behavior, np.float32)
-        if beh.ndim != 2 or beh.shape[0] != self.n_frames:
+        if beh.ndim != 2:
+            raise ConfigError(f"behaviour must be [T, B] to go with the frames, got {beh.shape}")
+        get, k = self.get, self.planes
+        if beh.shape[0] != self.n_frames // k:
             raise ConfigError(
-                f"behaviour must be [T={self.n_frames}, B] to go with the frames, got {beh.shape}"
+                f"behaviour must be [T={self.n_frames // k} volumes, B], got {beh.shape}"
             )
-        get = self.get
         return FrameSource(
-            self.kind, self.n_frames, self.fps, lambda i: {**get(i), "behavior": beh[i]},
-            self.footprints,
+            self.kind, self.n_frames, self.fps, lambda i: {**get(i), "behavior": beh[i // k]},
+            self.footprints, k,
         )  # fmt: skip
 
     @classmethod
@@ -112,6 +120,39 @@ def simulated_movie(
     return FrameSource("frame", movie.shape[0], fps, lambda i: {"image": movie[i]}, footprints)
 
 
+def simulated_volume(
+    neurons: int = 256,
+    planes: int = 3,
+    size: int = 512,
+    volumes: int = 600,
+    fps: float = 30.0,
+    seed: int = 0,
+) -> FrameSource:
+    """A simulated multi-plane movie: ``neurons`` cells shared among ``planes`` planes.
+
+    Each plane is its own simulated field of view (seed ``seed + k``), so
+    the planes' cells are independent populations and each plane wanders
+    on its own: enough to rehearse the protocol, not a model of a brain.
+    ``fps`` is the volume rate.
+    """
+    if planes < 1 or neurons < planes:
+        raise ConfigError(
+            f"need at least one plane and one neuron per plane, got {planes}, {neurons}"
+        )
+    per_plane = [neurons // planes + (k < neurons % planes) for k in range(planes)]
+    movies, rois = [], []
+    for k, n in enumerate(per_plane):
+        src = simulated_movie(n, size, volumes, fps, seed + k)
+        movies.append(src)
+        assert isinstance(src.footprints, Footprints)
+        rois.append(src.footprints)
+
+    def get(i: int) -> dict[str, np.ndarray]:
+        return movies[i % planes].get(i // planes)
+
+    return FrameSource("frame", volumes * planes, fps, get, VolumeRois(tuple(rois)), planes)
+
+
 class MockScope:
     """Stream a :class:`FrameSource` at ``fps`` on ``endpoint`` (``pub``: bind XPUB; ``push``: connect PUSH)."""
 
@@ -151,12 +192,17 @@ class MockScope:
         """Send frames paced at ``fps``; returns ``frames_sent`` and pacing jitter.
 
         ``drop`` lists sequence numbers to skip (to rehearse lost frames);
-        setting ``stop`` ends the stream early.
+        setting ``stop`` ends the stream early. A multi-plane source sends
+        ``fps`` volumes a second (its planes evenly spaced), each plane frame
+        with ``plane`` and ``volume`` in its header; sequence numbers count
+        plane frames (volume ``v``'s plane ``p`` is ``seq = v * K + p`` from
+        ``start_seq`` 0), and ``drop`` names them.
         """
         if fps <= 0:
             raise ConfigError(f"fps must be positive, got {fps}")
         total = n_frames if n_frames is not None else (source.n_frames if not loop else None)
-        period = 1.0 / fps
+        k = source.planes
+        period = 1.0 / (fps * k)
         late = []
         sent = 0
         t0 = time.perf_counter() + 0.01
@@ -170,10 +216,10 @@ class MockScope:
             if drop and seq in drop:
                 continue  # a frame the scope "lost"
             buffers = source.get(i)
-            self.sock.send_multipart(
-                encode(source.kind, {"seq": seq, "t_acq": time.time(), "fps": fps}, buffers),
-                copy=False,
-            )
+            header: dict[str, Any] = {"seq": seq, "t_acq": time.time(), "fps": fps}
+            if k > 1:
+                header.update(plane=seq % k, volume=seq // k)
+            self.sock.send_multipart(encode(source.kind, header, buffers), copy=False)
             sent += 1
         lateness = np.asarray(late) * 1e3 if late else np.zeros(1)
         return {
@@ -244,8 +290,9 @@ class ScopeLoop:
             while not self._stop.is_set():
                 offset = self.frames_sent % n
                 shifted = FrameSource(
-                    src.kind, n, src.fps, lambda i, o=offset: src.get((i + o) % n)
-                )
+                    src.kind, n, src.fps, lambda i, o=offset: src.get((i + o) % n),
+                    planes=src.planes,
+                )  # fmt: skip
                 report = self._scope.stream(
                     shifted, self.fps, n_frames=self.chunk, start_seq=self.frames_sent
                 )

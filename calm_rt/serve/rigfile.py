@@ -96,7 +96,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ingest", "kind", "kind", "str", "F", "--kind", "what traces hold: raw F or dF/F",
            choices=("F", "dff")),
     Option("ingest", "rois", "rois", "path", None, "--rois",
-           "ROIs for raw frames: a suite2p folder or an npz", optional=True),
+           "ROIs for raw frames: a suite2p folder or an npz; a folder of `plane0`, `plane1`, "
+           "... for a multi-plane stream", optional=True),
     Option("ingest", "auto_segment", "auto_segment", "bool", True, None,
            "raw frames without ROIs: segment the first frames of the stream"),
     Option("ingest", "segment_frames", "segment_frames", "int", 300, None,

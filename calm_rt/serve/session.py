@@ -26,11 +26,19 @@ from typing import Any
 import numpy as np
 
 from calm_rt.errors import ConfigError, DataError, ProtocolError
-from calm_rt.extract import AutoSegmenter, Footprints, RoiExtractor, SegmentConfig, load_rois
+from calm_rt.extract import (
+    AutoSegmenter,
+    Footprints,
+    RoiExtractor,
+    SegmentConfig,
+    VolumeRois,
+    load_volume_rois,
+)
 from calm_rt.live import EngineConfig, Prediction, StreamingEngine, TriggerSet
 from calm_rt.model import CalM
 from calm_rt.serve.config import ServiceConfig
 from calm_rt.serve.recording import Recorder
+from calm_rt.serve.volumes import CompletedVolume, VolumeAssembler, plane_of
 from calm_rt.wire import Message, encode
 
 __all__ = ["Answer", "LiveSession", "SessionSetup"]
@@ -43,6 +51,7 @@ class Answer:
     """What one frame produced: the encoded messages to publish and what to count."""
 
     messages: list[list[Any]] = field(default_factory=list)  # multipart messages, in order
+    answered: int = 1  # frames (volumes) answered: 0 for a plane that completed no volume
     lost: int = 0  # frames the scope's sequence numbers say never arrived
     triggers: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage (serve.stages)
@@ -56,11 +65,13 @@ class LiveSession:
         model: the CalM model the engine runs.
         config: the service's configuration (frame rate, kind, horizon).
         n_neurons: neurons of the session (ROIs, or values per ``traces`` message).
-        extractor: for raw frames; None when the scope sends traces.
+        extractor: for raw frames (a :class:`VolumeAssembler` for a multi-plane
+            stream); None when the scope sends traces.
         triggers: the server's rules, validated here against ``n_neurons``.
         rois_source: where the ROIs came from (for status).
         with_neuropil: whether neuropil traces arrive (recorded when they do).
-        footprints: the ROIs of a raw-frame session (stored in recordings).
+        footprints: the ROIs of a raw-frame session (stored in recordings of
+            one plane).
     """
 
     def __init__(
@@ -68,11 +79,11 @@ class LiveSession:
         model: CalM,
         config: ServiceConfig,
         n_neurons: int,
-        extractor: RoiExtractor | None,
+        extractor: RoiExtractor | VolumeAssembler | None,
         triggers: TriggerSet,
         rois_source: str | None,
         with_neuropil: bool,
-        footprints: Footprints | None = None,
+        footprints: Footprints | VolumeRois | None = None,
     ) -> None:
         self.model = model
         self.footprints = footprints
@@ -93,6 +104,8 @@ class LiveSession:
         triggers.bind(n_neurons)  # rules given before the session now meet its neurons
         self.triggers = triggers
         self.recorder: Recorder | None = None
+        self._last_plane_seq: int | None = None  # multi-plane: the scope's last frame number
+        self._planes_dropped = 0  # multi-plane: planes the server dropped since the last volume
 
     @property
     def n_neurons(self) -> int:
@@ -106,7 +119,9 @@ class LiveSession:
             traces = (100 + rng.random(n)).astype(np.float32)
             self.engine.step(traces, seq=t, neuropil=0.5 * traces if self.with_neuropil else None)
         self.engine.reset()
-        if self.extractor is not None:
+        if isinstance(self.extractor, VolumeAssembler):
+            self.extractor.warm_up()
+        elif self.extractor is not None:
             self.extractor.extract(np.zeros(self.extractor.shape, self.extractor.dtype))
 
     # -- recording --------------------------------------------------------------
@@ -117,7 +132,8 @@ class LiveSession:
         self.recorder = Recorder(
             path, self.n_neurons, self.config.fps, self.engine.horizon, self.config.kind,
             len(self.model.config.behavior_names), self.with_neuropil,
-            footprints=self.footprints if self.extractor is not None else None,
+            # A multi-plane recording keeps traces and forecasts, not the planes' ROIs.
+            footprints=self.footprints if isinstance(self.extractor, RoiExtractor) else None,
             behavior_pred_names=self.behavior_names,
         )  # fmt: skip
 
@@ -137,21 +153,82 @@ class LiveSession:
 
     def process(self, msg: Message, dropped_before: int = 0) -> Answer:
         """Answer one frame; ``dropped_before``: older frames the server dropped unanswered."""
+        if isinstance(self.extractor, VolumeAssembler):
+            return self._process_plane(msg, dropped_before)
         t0 = time.perf_counter()
         traces, neuropil, flags, shift = self._traces(msg)
         t1 = time.perf_counter()
         expected = self.engine.expected_seq
         # Frames we dropped for being behind are skipped, not filled: filling costs a
         # model step each, and would keep an overloaded server behind for good.
-        pred = self.engine.step(
-            traces, seq=msg.seq, neuropil=neuropil, behavior=msg.arrays.get("behavior"),
-            fill=dropped_before == 0,
+        answer = self._step(
+            msg.seq, msg.header, traces, neuropil, msg.arrays.get("behavior"), flags, shift,
+            fill=dropped_before == 0, dropped_before=dropped_before,
         )  # fmt: skip
+        # The scope's own gaps: the model's gap less our drops (none before a first frame).
+        answer.lost = max(0, answer.lost - dropped_before) if expected is not None else 0
+        answer.timings_ms = {"extract": (t1 - t0) * 1e3, **answer.timings_ms}
+        return answer
+
+    def _process_plane(self, msg: Message, dropped_before: int) -> Answer:
+        """One plane of a multi-plane stream: extracted now, answered with its volume."""
+        assert isinstance(self.extractor, VolumeAssembler)
+        t0 = time.perf_counter()
+        volumes = self.extractor.add(msg)  # raises, changing nothing, on a bad plane
+        answer = Answer(answered=0, timings_ms={"extract": (time.perf_counter() - t0) * 1e3})
+        # Lost = gaps in the scope's frame numbers (planes), less what we dropped ourselves.
+        if self._last_plane_seq is not None:
+            answer.lost = max(0, msg.seq - self._last_plane_seq - 1 - dropped_before)
+        self._last_plane_seq = max(msg.seq, self._last_plane_seq or 0)
+        self._planes_dropped += dropped_before
+        for vol in volumes:
+            part = self._step_volume(vol)
+            answer.answered += 1
+            answer.messages += part.messages
+            answer.triggers += part.triggers
+            answer.timings_ms.update(part.timings_ms)
+            answer.record = _chain(answer.record, part.record)
+        return answer
+
+    def _step_volume(self, vol: CompletedVolume) -> Answer:
+        flags: dict[str, Any] = {
+            "volume": vol.volume,
+            "planes": self.extractor.n_planes if isinstance(self.extractor, VolumeAssembler) else 1,
+            "planes_missing": list(vol.missing_planes),
+            "shifts": vol.shifts,
+        }
+        if vol.frame_flags:
+            flags["frame_flags"] = {str(k): v for k, v in vol.frame_flags.items()}
+        dropped, self._planes_dropped = self._planes_dropped, 0
+        # The header's ``skipped`` counts volumes (the model's gap); our drops were planes.
+        answer = self._step(
+            vol.volume, vol.last.header, vol.traces, vol.neuropil, vol.behavior, flags, None,
+            fill=dropped == 0, dropped_before=0,
+        )  # fmt: skip
+        answer.lost = 0  # counted per plane in _process_plane
+        return answer
+
+    def _step(
+        self,
+        seq: int,
+        header: dict[str, Any],
+        traces: np.ndarray,
+        neuropil: np.ndarray | None,
+        behavior: np.ndarray | None,
+        flags: dict[str, Any],
+        shift: tuple[float, float] | None,
+        fill: bool,
+        dropped_before: int,
+    ) -> Answer:
+        """One engine step and its messages (``answer.lost``: the model's whole gap, frames).
+
+        ``fill``: fill a gap of lost frames exactly (else skip it cheaply);
+        ``dropped_before``: frames the server itself dropped, for the header.
+        """
+        pred = self.engine.step(traces, seq=seq, neuropil=neuropil, behavior=behavior, fill=fill)
         t2 = time.perf_counter()
-        answer = Answer()
-        if expected is not None:
-            answer.lost = max(0, pred.filled + pred.skipped - dropped_before)
-        head = self._header(msg, pred, flags, dropped_before)
+        answer = Answer(lost=pred.filled + pred.skipped)
+        head = self._header(seq, header, pred, flags, dropped_before)
         answer.messages.append(
             encode("forecast", head, {"forecast": pred.forecast, "forecast_std": pred.forecast_std,
                                       "activity": pred.activity})
@@ -161,7 +238,7 @@ class LiveSession:
             answer.messages.append(
                 encode("behavior", {**head, "names": names}, {"behavior": pred.behavior})
             )
-        for event in self.triggers.evaluate(pred.forecast, self.config.fps, msg.seq, time.time()):
+        for event in self.triggers.evaluate(pred.forecast, self.config.fps, seq, time.time()):
             answer.triggers += 1
             if self.recorder is not None:
                 self.recorder.add_trigger(
@@ -173,11 +250,12 @@ class LiveSession:
                                    "threshold": event.threshold, "lead_frames": event.lead_frames})
             )  # fmt: skip
         if self.recorder is not None:
-            answer.record = partial(self._record, msg, traces, neuropil, pred, shift)
+            answer.record = partial(
+                self._record, seq, header, behavior, traces, neuropil, pred, shift
+            )
         engine_ms = {k: v for k, v in pred.timings_ms.items() if k != "total"}
         # The engine's stages are this frame's step (steps that filled a gap come before it).
-        answer.timings_ms = {"extract": (t1 - t0) * 1e3, **engine_ms,
-                             "encode": (time.perf_counter() - t2) * 1e3}  # fmt: skip
+        answer.timings_ms = {**engine_ms, "encode": (time.perf_counter() - t2) * 1e3}
         return answer
 
     @property
@@ -196,6 +274,13 @@ class LiveSession:
         in pixels applied to it (0 for traces).
         """
         if msg.topic == "frame":
+            where = plane_of(msg)
+            if where is not None and where[0] != 0:
+                raise DataError(
+                    f"a frame of plane {where[0]}, but this session has ROIs for one plane: "
+                    "for a multi-plane stream start the server with --rois a folder of "
+                    "plane0, plane1, ... (docs/protocol.md, multi-plane streams)"
+                )
             image = msg.arrays.get("image")
             if image is None:
                 raise ProtocolError(
@@ -216,12 +301,17 @@ class LiveSession:
         return traces, msg.arrays.get("neuropil"), {}, (0.0, 0.0)
 
     def _header(
-        self, msg: Message, pred: Prediction, flags: dict[str, Any], dropped_before: int
+        self,
+        seq: int,
+        header: dict[str, Any],
+        pred: Prediction,
+        flags: dict[str, Any],
+        dropped_before: int,
     ) -> dict[str, Any]:
         head = {
-            "seq": msg.seq,
-            "t_acq": msg.header.get("t_acq"),
-            "t_arrival": msg.header["t_arrival"],
+            "seq": seq,
+            "t_acq": header.get("t_acq"),
+            "t_arrival": header["t_arrival"],
             "frame": pred.frame,
             "fps": self.config.fps,
             "neurons": int(pred.forecast.shape[0]),
@@ -239,19 +329,21 @@ class LiveSession:
 
     def _record(
         self,
-        msg: Message,
+        seq: int,
+        header: dict[str, Any],
+        behavior: np.ndarray | None,
         traces: np.ndarray,
         neuropil: np.ndarray | None,
         pred: Prediction,
-        shift: tuple[float, float],
+        shift: tuple[float, float] | None,
     ) -> None:
         assert self.recorder is not None
         row: dict[str, Any] = dict(
             traces=np.asarray(traces, np.float32),
             activity=pred.activity,
-            seq=msg.seq,
-            t_acq=float(msg.header.get("t_acq", math.nan)),
-            t_arrival=msg.header["t_arrival"],
+            seq=seq,
+            t_acq=float(header.get("t_acq", math.nan)),
+            t_arrival=header["t_arrival"],
             t_publish=time.time(),
             forecast=pred.forecast,
             forecast_std=pred.forecast_std,
@@ -262,7 +354,7 @@ class LiveSession:
             row["behavior_pred"] = pred.behavior
         if "shift" in self.recorder.fields:
             row["shift"] = np.asarray(shift, np.float32)
-        self.recorder.append(behavior=msg.arrays.get("behavior"), **row)
+        self.recorder.append(behavior=behavior, **row)
 
 
 class SessionSetup:
@@ -272,7 +364,8 @@ class SessionSetup:
         model: the model sessions run.
         config: the service's configuration.
         triggers: the server's rules (bound to the session's neurons).
-        rois: ROIs for raw frames, or None (the first traces tell the neuron
+        rois: ROIs for raw frames (:class:`VolumeRois` for a multi-plane
+            stream), or None (the first traces tell the neuron
             count; raw frames are then segmented when ``config.auto_segment``).
         rois_source: where ``rois`` came from (for status).
         record: a recording to start with the session.
@@ -283,7 +376,7 @@ class SessionSetup:
         model: CalM,
         config: ServiceConfig,
         triggers: TriggerSet,
-        rois: Footprints | None,
+        rois: Footprints | VolumeRois | None,
         rois_source: str | None,
         record: Path | None = None,
     ) -> None:
@@ -295,7 +388,7 @@ class SessionSetup:
 
     @classmethod
     def from_config(cls, model: CalM, config: ServiceConfig, triggers: TriggerSet) -> SessionSetup:
-        rois = load_rois(config.rois) if config.rois is not None else None
+        rois = load_volume_rois(config.rois) if config.rois is not None else None
         source = str(config.rois) if config.rois is not None else None
         return cls(model, config, triggers, rois, source, config.record)
 
@@ -303,7 +396,7 @@ class SessionSetup:
         """The session, when the ROIs already say what it is (built and warmed); else None."""
         if self.rois is None:
             return None
-        session = self._build(self.rois.n_rois, RoiExtractor(self.rois, motion=True), True)
+        session = self._build(self.rois.n_rois, _extractor(self.rois), True)
         session.warm_up()
         return session
 
@@ -336,7 +429,12 @@ class SessionSetup:
         if image is None:
             raise ProtocolError("a 'frame' message carries its pixels in a buffer named 'image'")
         if self.rois is not None:
-            return self._build(self.rois.n_rois, RoiExtractor(self.rois, motion=True), True), True
+            return self._build(self.rois.n_rois, _extractor(self.rois), True), True
+        if plane_of(msg) is not None:
+            raise DataError(
+                "a multi-plane stream needs ROIs per plane (automatic segmentation works on "
+                "one plane): start the server with --rois a folder of plane0, plane1, ..."
+            )
         return self._segment(image), False
 
     def _segment(self, image: np.ndarray) -> LiveSession | None:
@@ -377,3 +475,24 @@ class SessionSetup:
         if self.record is not None:
             session.start_recording(self.record)
         return session
+
+
+def _extractor(rois: Footprints | VolumeRois) -> RoiExtractor | VolumeAssembler:
+    """Raw frames to traces: one plane's extractor, or every plane's for a volume."""
+    if isinstance(rois, VolumeRois):
+        return VolumeAssembler(rois, motion=True)
+    return RoiExtractor(rois, motion=True)
+
+
+def _chain(
+    first: Callable[[], None] | None, then: Callable[[], None] | None
+) -> Callable[[], None] | None:
+    """Both recording appends, in order (a plane can complete two volumes)."""
+    if first is None or then is None:
+        return first or then
+
+    def both() -> None:
+        first()
+        then()
+
+    return both

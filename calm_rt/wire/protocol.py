@@ -56,6 +56,7 @@ ALLOWED_DTYPES = (
     "bool",
 )
 MAX_ELEMENTS = 1 << 26  # 64 M elements per buffer: a 8192 x 8192 frame
+MAX_PLANES = 1024  # planes of a multi-plane stream
 MAX_HEADER_BYTES = 1 << 16
 
 
@@ -158,6 +159,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError(
             f"'seq' must be a non-negative integer below 2**63, got {str(seq)[:40]}"
         )
+    _check_plane_fields(topic, header)
     for key in ("t_acq", "t_sent", "t_arrival", "t_publish"):
         if key in header and not (
             isinstance(header[key], (int, float))
@@ -181,6 +183,24 @@ def decode(frames: Sequence[Any]) -> Message:
             raise ProtocolError(f"buffer name {name!r} appears twice")
         arrays[name] = arr
     return Message(topic, header, arrays)
+
+
+def _check_plane_fields(topic: str, header: dict[str, Any]) -> None:
+    """A plane frame of a multi-plane stream names ``plane`` and ``volume`` together.
+
+    Answers for a volume carry ``volume`` alone (additive fields).
+    """
+    if topic == "frame" and ("plane" in header) != ("volume" in header):
+        raise ProtocolError("a multi-plane frame carries both 'plane' and 'volume', or neither")
+    plane, volume = header.get("plane", 0), header.get("volume", 0)
+    if not isinstance(plane, int) or isinstance(plane, bool) or not 0 <= plane < MAX_PLANES:
+        raise ProtocolError(
+            f"'plane' must be an integer in 0..{MAX_PLANES - 1}, got {str(plane)[:40]}"
+        )
+    if not isinstance(volume, int) or isinstance(volume, bool) or not 0 <= volume < 2**63:
+        raise ProtocolError(
+            f"'volume' must be a non-negative integer below 2**63, got {str(volume)[:40]}"
+        )
 
 
 def _decode_buffer(spec: Any, frame: Any) -> tuple[str, np.ndarray]:
