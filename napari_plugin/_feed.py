@@ -103,6 +103,10 @@ class _State:
     triggers_seen: int = 0
     # (seq, (dy, dx)) of the newest raw frames' motion shifts, from their forecasts.
     shifts: deque = field(default_factory=lambda: deque(maxlen=256))
+    # Multi-plane streams: the newest image of every plane, and (volume, [(dy, dx) or
+    # None per plane]) from the forecasts.
+    planes: dict[int, np.ndarray] = field(default_factory=dict)
+    plane_shifts: deque = field(default_factory=lambda: deque(maxlen=256))
     status: dict[str, Any] | None = None
     rig: dict[str, Any] | None = None
     rules: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -178,7 +182,11 @@ class LiveFeed:
     # -- reading ---------------------------------------------------------------------
 
     def take_frame(self) -> tuple[int, np.ndarray] | None:
-        """The newest frame if it was not taken yet; frames never taken count as dropped."""
+        """The newest frame if it was not taken yet; frames never taken count as dropped.
+
+        For a multi-plane stream: ``(volume, [K, H, W])``, the newest image of
+        every plane (zeros for a plane not seen yet).
+        """
         with self._lock:
             s = self._state
             if s.frame is None or s.frame_seq == s.frame_taken:
@@ -187,14 +195,25 @@ class LiveFeed:
             s.frames_shown += 1
             return s.frame_seq, s.frame
 
-    def shift_for(self, seq: int, newest_if_unknown: bool = True) -> tuple[float, float] | None:
+    def shift_for(
+        self, seq: int, newest_if_unknown: bool = True, plane: int | None = None
+    ) -> tuple[float, float] | None:
         """The motion shift ``(dy, dx)`` the server found in frame ``seq``.
 
         A frame is usually shown before its forecast arrives; until then this is
         the newest shift known (motion is slow next to a frame), None before any
         (or, with ``newest_if_unknown=False``, None until frame ``seq``'s own).
+        For a multi-plane stream, ``seq`` is the volume and ``plane`` says
+        whose shift (each plane is registered on its own).
         """
         with self._lock:
+            if plane is not None:
+                known = [(v, sh[plane]) for v, sh in self._state.plane_shifts
+                         if plane < len(sh) and sh[plane] is not None]  # fmt: skip
+                for v, shift in reversed(known):
+                    if v == seq:
+                        return shift
+                return known[-1][1] if known and newest_if_unknown else None
             shifts = self._state.shifts
             for s, shift in reversed(shifts):
                 if s == seq:
@@ -305,6 +324,9 @@ class LiveFeed:
             shift = msg.header.get("shift")
             if isinstance(shift, list) and len(shift) == 2:
                 s.shifts.append((msg.seq, (float(shift[0]), float(shift[1]))))
+            shifts = msg.header.get("shifts")
+            if isinstance(shifts, list):
+                s.plane_shifts.append((msg.seq, [_pair(x) for x in shifts]))
             s.version += 1
 
     def _on_behavior(self, msg: Message) -> None:
@@ -366,7 +388,20 @@ class LiveFeed:
                         continue
                     newest = msg
                     self._note_frame(msg)
-                if newest is not None:
+                    if "plane" in msg.header:  # every plane's newest image is worth showing
+                        with self._lock:
+                            self._state.planes[int(msg.header["plane"])] = np.array(
+                                msg.arrays["image"]
+                            )
+                if newest is not None and "plane" in newest.header:
+                    with self._lock:
+                        image = _stack(self._state.planes)
+                        if image is not None:
+                            self._state.frame, self._state.frame_seq = (
+                                image,
+                                newest.header["volume"],
+                            )
+                elif newest is not None:
                     image = np.array(newest.arrays["image"])  # own it: the zmq buffer goes away
                     with self._lock:
                         self._state.frame, self._state.frame_seq = image, newest.seq
@@ -383,3 +418,21 @@ class LiveFeed:
                 if s.measured is None or s.measured.data.shape[1] != beh.shape[0]:
                     s.measured = _Ring(self.history, beh.shape[0])
                 s.measured.push(msg.seq, beh)
+
+
+def _pair(x: Any) -> tuple[float, float] | None:
+    """``[dy, dx]`` from a header as a tuple; None for a missing plane (or anything else)."""
+    if isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) for v in x):
+        return float(x[0]), float(x[1])
+    return None
+
+
+def _stack(planes: dict[int, np.ndarray]) -> np.ndarray | None:
+    """``[K, H, W]``: planes 0 .. max seen, zeros for any not seen yet; None if shapes differ."""
+    images = list(planes.values())
+    if not images or any(im.shape != images[0].shape for im in images):
+        return None
+    out = np.zeros((max(planes) + 1, *images[0].shape), images[0].dtype)
+    for k, im in planes.items():
+        out[k] = im
+    return out

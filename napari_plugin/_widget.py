@@ -58,10 +58,23 @@ def _real(obj: Any) -> Any:
 
 
 def rois_from_file(path: str | Path) -> np.ndarray:
-    """A label image ``[H, W]`` (neuron k is label k + 1) from any ROI file ``calm-rt serve --rois`` takes."""
-    from calm_rt.extract import load_rois
+    """A label image (neuron k is label k + 1) from any ROIs ``calm-rt serve --rois`` takes.
 
-    return load_rois(path).labels()
+    ``[H, W]`` for one plane; ``[K, H, W]`` for a multi-plane folder, its
+    labels numbered across the planes as the server numbers the neurons.
+    """
+    from calm_rt.errors import DataError
+    from calm_rt.extract import VolumeRois, load_volume_rois
+
+    rois = load_volume_rois(path)
+    if not isinstance(rois, VolumeRois):
+        return rois.labels()
+    if len({fp.shape for fp in rois.planes}) > 1:
+        raise DataError("the planes' ROIs are for frames of different sizes", path=str(path))
+    stack = np.stack([fp.labels() for fp in rois.planes])
+    for k, offset in enumerate(rois.offsets[:-1]):
+        stack[k][stack[k] > 0] += offset
+    return stack
 
 
 class _Runtime:
@@ -414,6 +427,9 @@ class LiveView(QWidget):
             areas = ndimage.sum_labels(np.ones_like(labels), labels, ids)
             self._radii = np.sqrt(areas / np.pi)
         # The image layer goes in first (with zeros until a frame comes), under the ROIs.
+        frame = self._layers.get(FRAME) or self._existing(FRAME)
+        if frame is not None and frame.data.ndim != labels.ndim:  # one plane <-> K planes
+            self.viewer.layers.remove(frame)
         self._frame_layer(np.zeros(labels.shape, np.uint16))
         layer = self._layers.get(ROIS) or self._existing(ROIS)
         if layer is None:
@@ -426,14 +442,23 @@ class LiveView(QWidget):
         self._color_rois(np.full(ids.size, np.nan, np.float32))
         self._ensure_points()
         for name in (ROIS, SELECTED, TRIGGERS):  # new layers follow the motion too
-            self._layers[name].translate = self._roi_shift
+            self._layers[name].translate = self._translation
         self._show_selection()
 
+    @property
+    def _ndim(self) -> int:
+        """2, or 3 for a multi-plane stream (plane, y, x)."""
+        return 2 if self._labels is None else self._labels.ndim
+
     def _ensure_points(self) -> None:
+        for name in (SELECTED, TRIGGERS):  # points of the wrong dimension go (planes changed)
+            layer = self._layers.get(name) or self._existing(name)
+            if layer is not None and layer.ndim != self._ndim:
+                self.viewer.layers.remove(layer)
         if SELECTED not in self._layers:
             layer = self._existing(SELECTED) or _real(
                 self.viewer.add_points(
-                    np.zeros((0, 2)),
+                    np.zeros((0, self._ndim)),
                     name=SELECTED,
                     face_color="transparent",
                     border_color="#00e5ff",
@@ -445,7 +470,7 @@ class LiveView(QWidget):
         if TRIGGERS not in self._layers:
             layer = self._existing(TRIGGERS) or _real(
                 self.viewer.add_points(
-                    np.zeros((0, 2)),
+                    np.zeros((0, self._ndim)),
                     name=TRIGGERS,
                     symbol="star",
                     size=9,
@@ -468,7 +493,7 @@ class LiveView(QWidget):
             return
         k = self._neuron
         if k is None or k >= len(self._centroids):
-            layer.data = np.zeros((0, 2))
+            layer.data = np.zeros((0, self._ndim))
         else:
             layer.data = self._centroids[k : k + 1]
             layer.size = 2 * self._radii[k] + 4
@@ -503,6 +528,11 @@ class LiveView(QWidget):
         return layer
 
     def _show_frame(self, seq: int, image: np.ndarray) -> None:
+        labels = self._labels
+        if labels is not None and labels.ndim == 3 == image.ndim and image.shape[0] < len(labels):
+            # The later planes of the first volume are still on their way: show them blank.
+            image = np.concatenate([image, np.zeros((len(labels) - len(image), *image.shape[1:]),
+                                                    image.dtype)])  # fmt: skip
         layer = self._frame_layer(image)
         layer.data = image
         if not self._contrast_set:  # once per connection, so the image does not flicker
@@ -525,7 +555,19 @@ class LiveView(QWidget):
         for name in (ROIS, SELECTED, TRIGGERS):
             layer = self._layers.get(name)
             if layer is not None:
-                layer.translate = shift
+                layer.translate = self._translation
+
+    @property
+    def _translation(self) -> tuple[float, ...]:
+        """The ROI layers' translation: the shift, and none along the plane axis."""
+        return (0.0,) * (self._ndim - 2) + tuple(self._roi_shift)
+
+    @property
+    def shown_plane(self) -> int | None:
+        """The plane on screen (the viewer's slider) for a multi-plane stream, else None."""
+        if self._ndim < 3:
+            return None
+        return int(self.viewer.dims.current_step[0])
 
     @property
     def roi_shift(self) -> tuple[float, float]:
@@ -549,11 +591,11 @@ class LiveView(QWidget):
         for i, mark in enumerate(snap.triggers):
             spots = [self._centroids[k] for k in mark.neurons if k < len(self._centroids)]
             if not spots:  # rule's neurons unknown: list it in the corner
-                spots = [np.array([4.0 + 6.0 * i, 4.0])]
+                spots = [np.array([0.0] * (self._ndim - 2) + [4.0 + 6.0 * i, 4.0])]
             for j, spot in enumerate(spots):
                 points.append(spot)
                 rules.append(f"{mark.rule} {mark.value:+.2f}" if j == 0 else "")
-        layer.data = np.array(points).reshape(-1, 2)
+        layer.data = np.array(points).reshape(-1, self._ndim)
         layer.features = {"rule": np.array(rules, dtype=object)}
 
     # -- the display tick (main thread) -----------------------------------------------
@@ -567,7 +609,9 @@ class LiveView(QWidget):
             self._show_frame(*frame)
             self._shown_seq = frame[0]
         if self._shown_seq is not None:
-            self._follow_motion(feed.shift_for(self._shown_seq))
+            # A multi-plane view follows the motion of the plane on screen (each plane
+            # is registered on its own; one layer translation serves one plane).
+            self._follow_motion(feed.shift_for(self._shown_seq, plane=self.shown_plane))
         snap = feed.snapshot()
         now = time.monotonic()
         if snap.version != self._version:

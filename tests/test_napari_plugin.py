@@ -20,12 +20,12 @@ import zmq
 
 from calm_rt.data import SimConfig, make_animal, simulate_session, write_npz
 from calm_rt.errors import ConfigError
-from calm_rt.extract import save_rois
+from calm_rt.extract import save_rois, save_volume_rois
 from calm_rt.model import PRESETS, CalM
 from calm_rt.offline.replay import replay_session
 from calm_rt.serve import Server, ServiceConfig
 from calm_rt.serve.demo import Demo, free_endpoint
-from calm_rt.serve.mockscope import ScopeLoop, simulated_movie
+from calm_rt.serve.mockscope import ScopeLoop, simulated_movie, simulated_volume
 from calm_rt.serve.recording import Recorder
 from napari_plugin._feed import Endpoints
 from napari_plugin._reader import CONTEXT, get_reader
@@ -83,7 +83,7 @@ def live_server(tiny_model, tmp_path_factory):
     server.stop()
 
 
-def _click(viewer, position) -> None:
+def _click(viewer, position, dims_displayed=(0, 1)) -> None:
     from napari.utils.interactions import mouse_press_callbacks
 
     class Event:
@@ -96,6 +96,7 @@ def _click(viewer, position) -> None:
         dims_displayed = (0, 1)
 
     event = Event()
+    event.dims_displayed = dims_displayed
     event.position = tuple(float(p) for p in position)
     mouse_press_callbacks(viewer, event)
 
@@ -223,6 +224,73 @@ def test_rois_follow_the_cells_as_the_scene_moves(make_napari_viewer, qtbot, tin
     assert max(np.abs(truth[s % len(truth)]).max() for s in checked) > 1.0
     assert tuple(view.layer(SELECTED).translate) == tuple(rois.translate)
     view.close()
+
+
+def test_a_multiplane_stream_shows_its_planes_and_each_plane_follows_its_motion(
+    make_napari_viewer, qtbot, tiny_model, tmp_path
+):
+    """Three planes: a [3, H, W] frame and ROI stack, a plane slider, selection across planes."""
+    source = simulated_volume(neurons=12, planes=3, size=64, volumes=100, fps=10.0, seed=4)
+    rois = save_volume_rois(tmp_path / "rois", source.footprints)
+    for attempt in range(5):
+        scope_ep, publish_ep, control_ep = free_endpoint(), free_endpoint(), free_endpoint()
+        config = ServiceConfig(
+            ingest=scope_ep, publish=publish_ep, control=control_ep, fps=10.0, rois=rois
+        )
+        scope = None
+        try:
+            scope = ScopeLoop(scope_ep, source, fps=10.0)
+            server = Server(config, model=tiny_model).start()
+            break
+        except (ConfigError, zmq.ZMQError) as exc:
+            if scope is not None:
+                scope.stop()
+            if "Address already in use" not in str(exc) or attempt == 4:
+                raise
+    scope.start()
+    viewer = make_napari_viewer()
+    view = LiveView(viewer)
+    try:
+        view.connect_to(Endpoints(publish=publish_ep, control=control_ep, scope=scope_ep), rois)
+        labels = view.layer(ROIS).data
+        assert labels.shape == (3, 64, 64) and labels.max() == 12  # numbered as the server does
+        assert set(np.unique(labels[1])) - {0} == {5, 6, 7, 8}  # plane 1 holds neurons 4..7
+        def every_plane_shown() -> bool:  # the first volume's later planes come later
+            frame = view.layer(FRAME).data
+            return frame.shape == (3, 64, 64) and all(frame[k].any() for k in range(3))
+
+        qtbot.waitUntil(every_plane_shown, timeout=60_000)
+        # A click on a plane-1 cell selects its neuron, marked on that plane.
+        viewer.dims.set_current_step(0, 1)
+        assert view.shown_plane == 1
+        z, y, x = np.argwhere(labels == 7).mean(axis=0).round()
+        _click(viewer, (z, y, x), dims_displayed=[1, 2])
+        assert view.selected_neuron == 6
+        assert view.layer(SELECTED).data[0][0] == 1
+
+        # The ROI layers follow the shown plane's own shift, as the server found it.
+        # Past the motion estimators' warm-up, once the shown volume's own shift is in.
+        seen: dict[int, tuple] = {}
+
+        def follows(plane: int) -> bool:
+            seq = view.shown_seq
+            if seq is None or seq < 20:
+                return False
+            own = view.feed.shift_for(seq, False, plane=plane)
+            drawn = tuple(view.layer(ROIS).translate)
+            seen[plane] = drawn
+            return own is not None and drawn == (0.0, *own)
+
+        for plane in (1, 2):
+            viewer.dims.set_current_step(0, plane)
+            qtbot.waitUntil(lambda plane=plane: follows(plane), timeout=60_000)
+            assert tuple(view.layer(SELECTED).translate) == tuple(view.layer(ROIS).translate)
+        # The planes wander on their own: one translation for all would be wrong for one.
+        assert seen[1] != seen[2], seen
+    finally:
+        view.close()
+        scope.stop()
+        server.stop()
 
 
 def _session(n: int = 12, t: int = 200):
