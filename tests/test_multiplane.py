@@ -263,6 +263,18 @@ def test_a_three_plane_scope_streams_through_the_server_with_every_volume_answer
         pred = engine.step(live[:, t], seq=t, neuropil=rec["neuropil"][t])
         np.testing.assert_array_equal(rec["forecast"][t], pred.forecast)
 
+    # ...and it archives: NWB holds the lost planes as missing samples, not filled in.
+    import pynwb
+
+    from calm_rt.cli import main
+
+    out = tmp_path / "volumes.nwb"
+    assert main(["export", "--nwb", str(record), str(out), "--subject-id", "m1",
+                 "--species", "Mus musculus"]) == 0  # fmt: skip
+    with pynwb.NWBHDF5IO(str(out), "r") as io:
+        raw = io.read().processing["ophys"]["Fluorescence"]["RoiResponseSeries"].data[:]
+    np.testing.assert_array_equal(raw.T, live)
+
 
 def _extract_with_losses(source, volumes: int, lost: set[int]) -> np.ndarray:
     """What the server should have extracted: each plane's frames minus the lost ones."""

@@ -255,6 +255,7 @@ def test_a_multiplane_stream_shows_its_planes_and_each_plane_follows_its_motion(
         labels = view.layer(ROIS).data
         assert labels.shape == (3, 64, 64) and labels.max() == 12  # numbered as the server does
         assert set(np.unique(labels[1])) - {0} == {5, 6, 7, 8}  # plane 1 holds neurons 4..7
+
         def every_plane_shown() -> bool:  # the first volume's later planes come later
             frame = view.layer(FRAME).data
             return frame.shape == (3, 64, 64) and all(frame[k].any() for k in range(3))
