@@ -274,13 +274,6 @@ class LiveSession:
         in pixels applied to it (0 for traces).
         """
         if msg.topic == "frame":
-            where = plane_of(msg)
-            if where is not None and where[0] != 0:
-                raise DataError(
-                    f"a frame of plane {where[0]}, but this session has ROIs for one plane: "
-                    "for a multi-plane stream start the server with --rois a folder of "
-                    "plane0, plane1, ... (docs/protocol.md, multi-plane streams)"
-                )
             image = msg.arrays.get("image")
             if image is None:
                 raise ProtocolError(
@@ -288,6 +281,13 @@ class LiveSession:
                 )
             if self.extractor is None:
                 raise DataError("this session receives traces, not raw frames (set ROIs to switch)")
+            where = plane_of(msg)
+            if where is not None and where[0] != 0:
+                raise DataError(
+                    f"a frame of plane {where[0]}, but this session has ROIs for one plane: "
+                    "for a multi-plane stream start the server with --rois a folder of "
+                    "plane0, plane1, ... (docs/protocol.md, multi-plane streams)"
+                )
             traces, neuropil, frame_flags = self.extractor.extract(image)
             shift = (frame_flags.shift_y, frame_flags.shift_x)
             flags: dict[str, Any] = {"frame_flags": frame_flags.__dict__} if frame_flags.any else {}
