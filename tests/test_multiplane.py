@@ -10,7 +10,6 @@ run offline on the same frames.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,18 +30,13 @@ from calm_rt.live import EngineConfig, StreamingEngine
 from calm_rt.model import PRESETS, CalM
 from calm_rt.serve import Server, ServiceConfig
 from calm_rt.serve.client import RigClient, control_request
+from calm_rt.serve.demo import free_endpoint
 from calm_rt.serve.mockscope import simulated_volume
 from calm_rt.serve.recording import load_recording
 from calm_rt.serve.volumes import VolumeAssembler
 from calm_rt.wire import decode, encode
 
 K = 3  # planes
-
-
-def free() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +199,7 @@ def test_a_three_plane_scope_streams_through_the_server_with_every_volume_answer
     rois = tmp_path / "rois"
     made = _mock_scope("--frames", "0", "--rois-out", str(rois))  # the scope's ROIs, per plane
     assert made.wait(120) == 0, made.stdout.read()
-    ingest, pub_ep, ctl_ep = free(), free(), free()
+    ingest, pub_ep, ctl_ep = free_endpoint(), free_endpoint(), free_endpoint()
     record = tmp_path / "volumes.h5"
     server = Server(
         ServiceConfig(

@@ -52,25 +52,22 @@ def tiny_model() -> CalM:
     return CalM(PRESETS["tiny"]).eval()
 
 
-@pytest.fixture(scope="module")
-def live_server(tiny_model, tmp_path_factory):
-    """A mock scope streaming a 64x64 movie of 10 ROIs into a live server, on loopback."""
-    source = simulated_movie(neurons=10, size=64, frames=300, fps=30.0, seed=3)
-    rois = tmp_path_factory.mktemp("rois") / "rois.npz"
-    save_rois(rois, source.footprints)
-    always = {"name": "T", "neurons": [2, 5], "threshold": -100.0, "refractory_ms": 300}
+def _scope_and_server(
+    model: CalM, source, fps: float, **config
+) -> tuple[ScopeLoop, Server, Endpoints]:
+    """A mock scope (started) streaming ``source`` into a started server, on loopback."""
     for attempt in range(5):
         # A port free a moment ago can be taken by another test's outgoing connection
         # (same ephemeral range) before we bind it: then take fresh ones.
         scope_ep, publish_ep, control_ep = free_endpoint(), free_endpoint(), free_endpoint()
-        config = ServiceConfig(
-            ingest=scope_ep, publish=publish_ep, control=control_ep, fps=30.0, rois=rois,
-            triggers=(always,),
-        )  # fmt: skip
         scope = None
         try:
-            scope = ScopeLoop(scope_ep, source, fps=30.0)
-            server = Server(config, model=tiny_model).start()
+            scope = ScopeLoop(scope_ep, source, fps=fps)
+            server = Server(
+                ServiceConfig(ingest=scope_ep, publish=publish_ep, control=control_ep, fps=fps,
+                              **config),
+                model=model,
+            ).start()  # fmt: skip
             break
         except (ConfigError, zmq.ZMQError) as exc:
             if scope is not None:
@@ -78,7 +75,20 @@ def live_server(tiny_model, tmp_path_factory):
             if "Address already in use" not in str(exc) or attempt == 4:
                 raise
     scope.start()
-    yield Endpoints(publish=publish_ep, control=control_ep, scope=scope_ep), rois
+    return scope, server, Endpoints(publish=publish_ep, control=control_ep, scope=scope_ep)
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_model, tmp_path_factory):
+    """A mock scope streaming a 64x64 movie of 10 ROIs into a live server, on loopback."""
+    source = simulated_movie(neurons=10, size=64, frames=300, fps=30.0, seed=3)
+    rois = tmp_path_factory.mktemp("rois") / "rois.npz"
+    save_rois(rois, source.footprints)
+    always = {"name": "T", "neurons": [2, 5], "threshold": -100.0, "refractory_ms": 300}
+    scope, server, endpoints = _scope_and_server(
+        tiny_model, source, 30.0, rois=rois, triggers=(always,)
+    )
+    yield endpoints, rois
     scope.stop()
     server.stop()
 
@@ -232,26 +242,11 @@ def test_a_multiplane_stream_shows_its_planes_and_each_plane_follows_its_motion(
     """Three planes: a [3, H, W] frame and ROI stack, a plane slider, selection across planes."""
     source = simulated_volume(neurons=12, planes=3, size=64, volumes=100, fps=10.0, seed=4)
     rois = save_volume_rois(tmp_path / "rois", source.footprints)
-    for attempt in range(5):
-        scope_ep, publish_ep, control_ep = free_endpoint(), free_endpoint(), free_endpoint()
-        config = ServiceConfig(
-            ingest=scope_ep, publish=publish_ep, control=control_ep, fps=10.0, rois=rois
-        )
-        scope = None
-        try:
-            scope = ScopeLoop(scope_ep, source, fps=10.0)
-            server = Server(config, model=tiny_model).start()
-            break
-        except (ConfigError, zmq.ZMQError) as exc:
-            if scope is not None:
-                scope.stop()
-            if "Address already in use" not in str(exc) or attempt == 4:
-                raise
-    scope.start()
+    scope, server, endpoints = _scope_and_server(tiny_model, source, 10.0, rois=rois)
     viewer = make_napari_viewer()
     view = LiveView(viewer)
     try:
-        view.connect_to(Endpoints(publish=publish_ep, control=control_ep, scope=scope_ep), rois)
+        view.connect_to(endpoints, rois)
         labels = view.layer(ROIS).data
         assert labels.shape == (3, 64, 64) and labels.max() == 12  # numbered as the server does
         assert set(np.unique(labels[1])) - {0} == {5, 6, 7, 8}  # plane 1 holds neurons 4..7

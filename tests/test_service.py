@@ -341,6 +341,46 @@ def test_curve_refuses_unauthenticated_peers(model, tmp_path, session):
         server.stop()
 
 
+def test_a_refused_control_request_times_out_instead_of_hanging(model, tmp_path, monkeypatch):
+    """CURVE refuses a stranger; when that happens before the request is sent, REQ has no
+    peer and its send would block forever (seen on a loaded CI machine). A slow connect
+    makes that order certain here."""
+    paths = generate_keys(tmp_path / "keys")
+    stranger = generate_keys(tmp_path / "stranger")
+    cfg = ServiceConfig(
+        ingest=free(), ingest_mode="pull", publish=free(), control=free(),
+        keys=CurveKeys.from_folder(tmp_path / "keys"),
+    )  # fmt: skip
+    server = Server(cfg, model=model).start()
+    connect = zmq.Socket.connect
+
+    def connect_then_stall(sock, addr):
+        out = connect(sock, addr)
+        time.sleep(1.0)  # the handshake is refused meanwhile
+        return out
+
+    monkeypatch.setattr(zmq.Socket, "connect", connect_then_stall)
+    outcome: dict = {}
+
+    def request() -> None:
+        try:
+            control_request(cfg.control, {"cmd": "status"}, timeout_s=2.0,
+                            client_secret=stranger["client_secret"],
+                            server_public=paths["server_public"])  # fmt: skip
+        except Exception as exc:
+            outcome["error"] = exc
+
+    try:
+        t = threading.Thread(target=request, daemon=True)
+        t.start()
+        t.join(60)  # a guard against the hang itself, not a time bound
+        assert not t.is_alive(), "control_request hung on a refused peer"
+        assert isinstance(outcome.get("error"), TimeoutError), outcome
+    finally:
+        monkeypatch.undo()
+        server.stop()
+
+
 @pytest.mark.slow
 def test_killed_server_leaves_a_readable_recording(model, session, tmp_path):
     ckpt = tmp_path / "ckpt"

@@ -219,12 +219,22 @@ def control_request(
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    # A REQ socket with no peer blocks on send: once CURVE has refused us (or the
+    # server is gone) that would be forever. The whole request keeps to timeout_s.
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
     if client_secret and server_public:
         secure_client_socket(sock, client_secret, server_public)
+    deadline = time.monotonic() + timeout_s
     try:
         sock.connect(endpoint)
-        sock.send_json(request)
-        if not sock.poll(int(timeout_s * 1000)):
+        try:
+            sock.send_json(request)
+        except zmq.Again:
+            raise TimeoutError(
+                f"could not send to {endpoint} within {timeout_s} s (no server there, "
+                "or it refused our keys)"
+            ) from None
+        if not sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             raise TimeoutError(f"no reply from {endpoint} within {timeout_s} s")
         return sock.recv_json()
     finally:
