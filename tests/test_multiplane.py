@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calm_rt.errors import DataError, ProtocolError
 from calm_rt.extract import (
@@ -37,6 +39,7 @@ from calm_rt.serve.volumes import VolumeAssembler
 from calm_rt.wire import decode, encode
 
 K = 3  # planes
+IMAGES = ("good", "small", "nan")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,40 @@ def test_bad_planes_are_refused_and_change_nothing(volume):
         asm.add(plane_msg(volume, 0, 1))
     # Nothing refused left a trace: the volume is the clean run's.
     np.testing.assert_array_equal(v0.traces, offline_planes(volume, 1)[:, 0])
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, K + 1), st.integers(0, 6), st.sampled_from(IMAGES)),
+        max_size=14,
+    )
+)
+def test_hostile_plane_sequences_are_refused_or_assembled_and_volumes_only_move_on(volume, ops):
+    """Any order of planes, repeats, jumps, bad images: only ProtocolError or DataError, every
+    volume handed out once, in increasing order, whole; and the stream recovers at once."""
+    asm = VolumeAssembler(volume.footprints)
+    done, offsets = [], volume.footprints.offsets
+    for plane, vol, kind in ops:
+        image = volume.get(plane % K)["image"]
+        if kind == "small":
+            image = image[:10]
+        elif kind == "nan":
+            image = np.full(image.shape, np.nan, np.float32)
+        try:
+            done += asm.add(plane_msg(volume, vol, plane, image=image))
+        except (ProtocolError, DataError):
+            pass
+    after = max((v for _, v, _ in ops), default=-1) + 1
+    for k in range(K):
+        done += asm.add(plane_msg(volume, after, k))
+    numbers = [d.volume for d in done]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == after
+    assert done[-1].missing_planes == () and np.isfinite(done[-1].traces).all()
+    for d in done:
+        assert d.traces.shape == (volume.footprints.n_rois,)
+        for k in d.missing_planes:
+            assert np.isnan(d.traces[offsets[k] : offsets[k + 1]]).all()
 
 
 @pytest.mark.parametrize(
