@@ -251,8 +251,7 @@ def test_a_three_plane_scope_streams_through_the_server_with_every_volume_answer
         with RigClient(
             pub_ep, ("forecast",), {"forecast": lambda m: headers.append(m.header)}
         ) as rig:
-            deadline = time.monotonic() + 60
-            while server.subscriptions < 1 and time.monotonic() < deadline:
+            while server.subscriptions < 1:  # the rig's subscription reached the server
                 time.sleep(0.02)
             scope = _mock_scope(
                 "--endpoint", ingest, "--frames", str(volumes),
