@@ -191,9 +191,10 @@ class LiveSession:
         return answer
 
     def _step_volume(self, vol: CompletedVolume) -> Answer:
+        assert isinstance(self.extractor, VolumeAssembler) and vol.last is not None
         flags: dict[str, Any] = {
             "volume": vol.volume,
-            "planes": self.extractor.n_planes if isinstance(self.extractor, VolumeAssembler) else 1,
+            "planes": self.extractor.n_planes,
             "planes_missing": list(vol.missing_planes),
             "shifts": vol.shifts,
         }

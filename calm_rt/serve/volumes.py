@@ -36,13 +36,12 @@ def plane_of(msg: Message) -> tuple[int, int] | None:
 
 @dataclass
 class CompletedVolume:
-    """One volume, ready for the engine.
+    """One volume: assembled plane by plane, then handed to the engine.
 
     Attributes:
         volume: its sequence number (the engine's frame number).
         traces, neuropil: ``[N]`` float32 over all planes; NaN for the
             neurons of planes that did not arrive.
-        missing_planes: the planes that did not arrive.
         shifts: per plane, the motion shift ``[dy, dx]`` applied (None for
             a missing plane).
         frame_flags: per plane that had a problem, its flags (FrameFlags).
@@ -54,22 +53,15 @@ class CompletedVolume:
     volume: int
     traces: np.ndarray
     neuropil: np.ndarray
-    missing_planes: tuple[int, ...]
-    shifts: list[list[float] | None]
-    frame_flags: dict[int, dict]
-    last: Message
-    behavior: np.ndarray | None
-
-
-@dataclass
-class _OpenVolume:
-    volume: int
-    traces: np.ndarray
-    neuropil: np.ndarray
     shifts: list[list[float] | None]
     frame_flags: dict[int, dict] = field(default_factory=dict)
     last: Message | None = None
     behavior: np.ndarray | None = None
+
+    @property
+    def missing_planes(self) -> tuple[int, ...]:
+        """The planes that did not arrive."""
+        return tuple(k for k, s in enumerate(self.shifts) if s is None)
 
 
 class VolumeAssembler:
@@ -85,7 +77,7 @@ class VolumeAssembler:
         self.extractors = [RoiExtractor(fp, motion=motion) for fp in rois.planes]
         self.offsets = rois.offsets
         self.n_planes = rois.n_planes
-        self._open: _OpenVolume | None = None
+        self._open: CompletedVolume | None = None
         self._answered: int | None = None  # the last volume handed out
 
     def warm_up(self) -> None:
@@ -152,9 +144,9 @@ class VolumeAssembler:
             done.append(self._close())
         return done
 
-    def _new(self, volume: int) -> _OpenVolume:
+    def _new(self, volume: int) -> CompletedVolume:
         n = self.offsets[-1]
-        return _OpenVolume(
+        return CompletedVolume(
             volume, np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
             [None] * self.n_planes,
         )  # fmt: skip
@@ -164,8 +156,4 @@ class VolumeAssembler:
         assert vol is not None and vol.last is not None
         self._open = None
         self._answered = vol.volume
-        missing = tuple(k for k, s in enumerate(vol.shifts) if s is None)
-        return CompletedVolume(
-            vol.volume, vol.traces, vol.neuropil, missing, vol.shifts, vol.frame_flags, vol.last,
-            vol.behavior,
-        )  # fmt: skip
+        return vol
