@@ -15,6 +15,7 @@ from calm_rt.data import (
     simulate_session,
 )
 from calm_rt.errors import ConfigError, DataError
+from calm_rt.live import forecast_calibration
 from calm_rt.live.engine import HISTORY, EngineConfig, StreamingEngine
 from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
 from calm_rt.model import PRESETS, CalM
@@ -147,8 +148,18 @@ def test_online_calibration_fits_a_readout(model, session):
     assert engine.readout is not None
 
 
-def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(model, session):
-    """Calibrating forecasts live (no behaviour named) is the offline fit on those frames, exactly."""
+@pytest.mark.parametrize("head", [False, True], ids=["ridge", "ridge+continuous-head"])
+def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(
+    model, session, head, monkeypatch
+):
+    """Calibrating forecasts live (no behaviour named) is the offline fit on those frames, exactly.
+
+    With the continuous head: 12 s of 24 neurons are fewer samples than the
+    head's data rule asks for, so the rule is lifted here to put the head
+    (its training, blend weight and per-frame MLP) under the same check.
+    """
+    if head:
+        monkeypatch.setattr(forecast_calibration, "MIN_SAMPLES_PER_WEIGHT", 0)
     config = EngineConfig(n_neurons=24, fps=30.0, background_calibration=False)
     engine = StreamingEngine(model, config)
     cal = engine.start_calibration(seconds=12.0)  # 360 frames
@@ -166,6 +177,10 @@ def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(mod
         np.arange(HISTORY - 1, 360 - h), context=HISTORY,
     )  # fmt: skip
     assert fitted.cv_gain == pytest.approx(cal.forecast_gain, abs=1e-4)
+    live = engine.forecast_calibration
+    assert (live.head is not None) == head and live.head_weight == fitted.head_weight
+    if head:
+        assert 0 < live.head_weight < 1
     ends = np.arange(400, 700, 25)
     ctx = torch.from_numpy(np.stack([z[:, e - HISTORY + 1 : e + 1] for e in ends]))
     want, want_sd = fitted.predict(

@@ -16,7 +16,11 @@ of the session itself (training blocks offline, the first minutes live):
 
 The own-past and population features are the linear-AR baseline's, so the
 penalty chosen on held-out frames can always fall back to it; CalM's
-features are what the pretrained model adds. Forecast s.d. is fitted to
+features are what the pretrained model adds. Beside the ridge, CalM's
+continuous head (:mod:`calm_rt.live.continuous_head`, a small MLP shared by
+the session's neurons, fitted in seconds) forecasts the same change
+nonlinearly; the two are blended by a weight chosen on held-out windows (0
+when the head does not help there). Forecast s.d. is fitted to
 held-out residuals (validation blocks offline, out-of-fold predictions
 live), so intervals include everything the model
 misses, not only the token mixture's spread (:class:`SpreadModel`).
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor
 
 from calm_rt.errors import DataError
+from calm_rt.live.continuous_head import MIN_SAMPLES_PER_WEIGHT, ContinuousHead, head_inputs
 from calm_rt.live.ridge import RidgeModel, fit_ridge, fit_ridge_cv
 
 __all__ = [
@@ -104,7 +109,8 @@ class ForecastCalibration:
 
     ``predict`` returns the forecast and its s.d., ``[N, H]`` or ``[B, N,
     H]``; ``cv_gain`` is the held-out score ``1 - MSE / MSE(copy last)`` it
-    was selected on.
+    was selected on. The forecast change is ``(1 - head_weight) * ridge +
+    head_weight * head`` (no head: the ridge alone).
     """
 
     context: int
@@ -116,6 +122,8 @@ class ForecastCalibration:
     spread: SpreadModel
     cv_gain: float
     frames: int  # windows it was fitted on
+    head: ContinuousHead | None = None
+    head_weight: float = 0.0
 
     @property
     def n_neurons(self) -> int:
@@ -134,6 +142,7 @@ class ForecastCalibration:
         context: int = 48,
         pop_components: int = 8,
         pop_lags: int = 4,
+        head_steps: int = 2000,
     ) -> ForecastCalibration:
         """Fit on windows ending at ``fit_ends`` of one session.
 
@@ -146,6 +155,11 @@ class ForecastCalibration:
         With ``val_ends`` the penalty is chosen on those windows and the s.d.
         is fitted to their residuals; without (the live calibration), both
         come from blocked cross-validation over ``fit_ends`` in time.
+        The continuous head (``head_steps`` > 0) is trained on the fitting
+        windows and early-stopped on the validation windows; without them,
+        on the first 80% of ``fit_ends`` and stopped on the last 20%, where
+        the blend weight and the s.d. are then chosen (against the ridge's
+        out-of-fold forecasts there).
         """
         t = z.shape[1]
         h = calm_mean.shape[-1]
@@ -159,15 +173,34 @@ class ForecastCalibration:
         used = np.unique(fit_ends[:, None] - np.arange(context)[None, :])
         loadings = population_loadings(z[:, used], pop_components)
         part = dict(loadings=loadings, pop_lags=pop_lags, context=context)
-        x, y = _design(zt, calm_mean, hidden_pcs, fit_ends, **part)
+        x, y, xh = _design(zt, calm_mean, hidden_pcs, fit_ends, **part)
         val_ends = _usable(val_ends, t, context, h) if val_ends is not None else None
         if val_ends is not None and val_ends.size >= 2:
-            xv, yv = _design(zt, calm_mean, hidden_pcs, val_ends, **part)
+            xv, yv, xhv = _design(zt, calm_mean, hidden_pcs, val_ends, **part)
             model = fit_ridge(x, y, xv, yv)
             held_out, truth, scored = model.predict(xv), yv, val_ends
+            head_fit, head_val, on = (xh, y), (xhv, yv), slice(None)
         else:
             model, held_out = fit_ridge_cv(x, y)
             truth, scored = y, fit_ends
+            cut = int(round(0.8 * fit_ends.size))
+            head_fit, head_val, on = (
+                (xh[:, :cut], y[:, :cut]),
+                (xh[:, cut:], y[:, cut:]),
+                slice(cut, None),
+            )
+        head, weight = None, 0.0
+        samples, inputs = head_fit[0].shape[0] * head_fit[0].shape[1], head_fit[0].shape[-1]
+        enough = samples >= MIN_SAMPLES_PER_WEIGHT * ContinuousHead.weights(inputs, h)
+        if head_steps > 0 and enough and head_val[0].shape[1] >= 2:
+            head = ContinuousHead.fit(
+                *(a.flatten(0, 1) for a in (*head_fit, *head_val)), steps=head_steps
+            )
+            blended, weight = _blend(held_out[:, on], head(head_val[0]).double(), truth[:, on])
+            if weight == 0.0:
+                head = None
+            else:  # held-out forecasts of the blend exist where the head was not trained
+                held_out, truth, scored = blended, truth[:, on], scored[on]
         e = torch.from_numpy(scored)
         spread = SpreadModel.fit(
             held_out - truth,
@@ -187,6 +220,8 @@ class ForecastCalibration:
             spread=spread,
             cv_gain=gain,
             frames=int(fit_ends.size),
+            head=head,
+            head_weight=weight,
         )
 
     def predict(
@@ -211,14 +246,16 @@ class ForecastCalibration:
                 f"this forecast calibration was fitted on {self.n_neurons} neurons, "
                 f"got {context.shape[1]}; calibrate again for this session"
             )
-        x = calibration_features(
+        ctx, calm_mean, pcs = (
             context[..., -self.context :],
             calm_mean[..., : self.horizon],
             self.projection(hidden),
-            self.loadings,
-            self.pop_lags,
         )
+        x = calibration_features(ctx, calm_mean, pcs, self.loadings, self.pop_lags)
         delta = self.model.predict(x).transpose(0, 1)  # [B, N, H]
+        if self.head is not None:
+            nonlinear = self.head(head_inputs(ctx, calm_mean, pcs)).double()
+            delta = (1.0 - self.head_weight) * delta + self.head_weight * nonlinear
         mean = (context[..., -1:].double() + delta).float()
         recent = context[..., -4:].flip(-1).permute(2, 0, 1)  # [4, B, N], newest first
         sd = self.spread.predict(calm_std[..., : self.horizon], recent)
@@ -292,6 +329,16 @@ def _usable(ends: np.ndarray | None, t: int, context: int, horizon: int) -> np.n
     return ends[(ends >= context - 1) & (ends + horizon < t)]
 
 
+BLEND_WEIGHTS = tuple(i / 10 for i in range(11))
+
+
+def _blend(ridge: Tensor, head: Tensor, truth: Tensor) -> tuple[Tensor, float]:
+    """The blend of two held-out forecasts ``[N, S, H]`` with the lowest MSE, and its weight."""
+    errors = [float(((1 - a) * ridge + a * head - truth).pow(2).mean()) for a in BLEND_WEIGHTS]
+    a = BLEND_WEIGHTS[int(np.argmin(errors))]
+    return (1 - a) * ridge + a * head, a
+
+
 def _design(
     z: Tensor,
     calm_mean: Tensor,
@@ -302,21 +349,16 @@ def _design(
     pop_lags: int,
     context: int,
 ) -> tuple[Tensor, Tensor]:
-    """Features ``[N, S, F]`` and targets ``[N, S, H]`` (the change from the last frame)."""
+    """Ridge features ``[N, S, F]``, targets ``[N, S, H]`` (the change from the last frame), head inputs ``[N, S, F']``."""
     h = calm_mean.shape[-1]
     idx = torch.from_numpy(ends[:, None] + np.arange(-context + 1, h + 1)[None, :])
     windows = z[:, idx].transpose(0, 1)  # [S, N, C + H]
     ctx, future = windows[..., :context], windows[..., context:]
     e = torch.from_numpy(ends)
-    x = calibration_features(
-        ctx,
-        calm_mean[:, e].transpose(0, 1),
-        hidden_pcs[:, e].transpose(0, 1),
-        loadings,
-        pop_lags,
-    )
+    mean, pcs = calm_mean[:, e].transpose(0, 1), hidden_pcs[:, e].transpose(0, 1)
+    x = calibration_features(ctx, mean, pcs, loadings, pop_lags)
     y = (future - ctx[..., -1:]).double().transpose(0, 1)
-    return x, y
+    return x, y, head_inputs(ctx, mean, pcs).transpose(0, 1)
 
 
 class CalibrationRecorder:

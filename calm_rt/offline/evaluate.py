@@ -155,16 +155,23 @@ class CalmForecasts:
     projection: HiddenProjection
 
 
+MAX_FIT_WINDOWS = 4096  # per session: [N, S, F] float64 design matrices stay within memory
+
+
 def calibrate_forecasts(model: CalM, s: PreparedSession, protocol: Protocol) -> CalmForecasts:
     """Run CalM over the session (causal, as the engine does) and fit its forecast calibration.
 
-    Fitted on windows ending every second frame inside training blocks; the
-    penalty and the s.d. model are chosen on the validation blocks' windows.
+    Fitted on the windows ending at every frame inside training blocks (every
+    k-th when there are more than 2 * ``MAX_FIT_WINDOWS``, to bound memory);
+    the ridge penalty, the continuous head's early stopping, the blend weight
+    and the s.d. model are chosen on the windows ending at every frame of the
+    validation blocks (the test stride would leave a 150-frame block six).
     """
     out = model.run_offline(torch.from_numpy(s.z))
     h = protocol.horizon
-    fit_ends = dense_window_starts(s.labels, TRAIN, protocol)[::2] + protocol.context - 1
-    val_ends = protocol.window_starts(s.labels, VAL) + protocol.context - 1
+    dense = dense_window_starts(s.labels, TRAIN, protocol)
+    fit_ends = dense[:: max(1, dense.size // MAX_FIT_WINDOWS)] + protocol.context - 1
+    val_ends = dense_window_starts(s.labels, VAL, protocol) + protocol.context - 1
     sample = fit_ends[:: max(1, fit_ends.size // 256)]
     projection = HiddenProjection.fit(out.hidden[:, sample])
     calibration = ForecastCalibration.fit(
