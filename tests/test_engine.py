@@ -160,7 +160,9 @@ def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(
     """
     if head:
         monkeypatch.setattr(forecast_calibration, "MIN_SAMPLES_PER_WEIGHT", 0)
-    config = EngineConfig(n_neurons=24, fps=30.0, background_calibration=False)
+    config = EngineConfig(
+        n_neurons=24, fps=30.0, background_calibration=False, calibration_head_steps=300
+    )
     engine = StreamingEngine(model, config)
     cal = engine.start_calibration(seconds=12.0)  # 360 frames
     preds = _stream(engine, session.traces, session.neuropil)
@@ -174,7 +176,7 @@ def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(
     mean, std = off.forecast[:, :360, :h], off.forecast_std[:, :360, :h]
     fitted = ForecastCalibration.fit(
         z[:, :360], mean, std, projection(off.hidden[:, :360]).float(), projection,
-        np.arange(HISTORY - 1, 360 - h), context=HISTORY,
+        np.arange(HISTORY - 1, 360 - h), context=HISTORY, head_steps=300,
     )  # fmt: skip
     assert fitted.cv_gain == pytest.approx(cal.forecast_gain, abs=1e-4)
     live = engine.forecast_calibration

@@ -194,6 +194,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--poco-steps", type=int, default=1500, help="training steps of the POCO-style baseline"
     )
     p.add_argument(
+        "--poco-runs", type=int, default=3,
+        help="POCO-style models trained from seeds 0..R-1; its row is their mean score (default 3)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-live", action="store_true",
         help="skip the calm_live row (replaying every session through the streaming engine)",
     )  # fmt: skip
@@ -224,7 +228,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     prepared = _prepare(args.data, args)
     result = evaluate(
         model, meta, prepared, _protocol(args),
-        forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=args.poco_steps)],
+        forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=args.poco_steps, runs=args.poco_runs)],
         progress=lambda msg: print(msg, flush=True),
         live=not args.no_live,
     )  # fmt: skip
@@ -238,8 +242,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"  {'model':<14}{'score':>8}{'mse':>8}{'mae':>8}{'pearson':>9}   mse at h = 1/4/8/16")
     for name, m in result["forecast"].items():
         by_h = "/".join(f"{v:.3f}" for v in m["mse_by_horizon"].values())
+        spread = (
+            f"   ({m['runs']:.0f} runs: {m['score_min']:.3f} .. {m['score_max']:.3f})"
+            if "runs" in m
+            else ""
+        )
         print(
-            f"  {name:<14}{m['score']:>8.3f}{m['mse']:>8.3f}{m['mae']:>8.3f}{m['pearson']:>9.3f}   {by_h}"
+            f"  {name:<14}{m['score']:>8.3f}{m['mse']:>8.3f}{m['mae']:>8.3f}{m['pearson']:>9.3f}   {by_h}{spread}"
         )
     cal = result["calibration"]
     print(

@@ -104,7 +104,8 @@ class ContinuousHead(nn.Module):
         """
         x, y = x.float(), y.float()
         gen = torch.Generator().manual_seed(seed)
-        head = cls(x.shape[-1], y.shape[-1])
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG
+            head = cls(x.shape[-1], y.shape[-1])
         pick = torch.randperm(x_val.shape[0], generator=gen)[:8192]
         xv, yv = x_val[pick].float(), y_val[pick].float()
         for net in head.members:

@@ -78,6 +78,8 @@ class EngineConfig:
     # Fit a live forecast calibration in a background thread (seconds at hundreds of neurons)
     # so frames keep being answered; False fits it within the frame that completes it.
     background_calibration: bool = True
+    # Training steps of the calibration's continuous head (0: the closed-form ridge alone).
+    calibration_head_steps: int = 2000
 
     def __post_init__(self) -> None:
         if self.n_neurons < 1:
@@ -88,6 +90,10 @@ class EngineConfig:
             raise ConfigError(f"kind must be 'F' or 'dff', got {self.kind!r}")
         if self.max_gap_seconds < 0 or self.max_fill_frames < 0:
             raise ConfigError("max_gap_seconds and max_fill_frames must be >= 0")
+        if self.calibration_head_steps < 0:
+            raise ConfigError(
+                f"calibration_head_steps must be >= 0 (0: no head), got {self.calibration_head_steps}"
+            )
         device = str(self.device).lower()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -483,7 +489,9 @@ class StreamingEngine:
 
     def _fit(self, rec: CalibrationRecorder) -> None:
         try:
-            self._fit_result = rec.fit(context=HISTORY, horizon=self.horizon)
+            self._fit_result = rec.fit(
+                context=HISTORY, horizon=self.horizon, head_steps=self.config.calibration_head_steps
+            )
         except DataError as err:  # e.g. a calibration that was all missing: keep the token forecast
             self._fit_result = err
 

@@ -410,7 +410,7 @@ class CalibrationRecorder:
         else:
             self._hidden.append(self.projection(hidden).float())
 
-    def fit(self, context: int, horizon: int) -> ForecastCalibration:
+    def fit(self, context: int, horizon: int, head_steps: int = 2000) -> ForecastCalibration:
         """Fit on every window inside the recorded frames (blocked CV for penalty and s.d.)."""
         if self.projection is None:
             raise DataError("the calibration ended before its hidden-state projection was fitted")
@@ -419,4 +419,6 @@ class CalibrationRecorder:
         std = torch.stack(self._std, dim=1)[..., :horizon]
         pcs = torch.stack(self._hidden, dim=1)  # [N, T, r]
         ends = np.arange(context - 1, z.shape[1] - horizon)
-        return ForecastCalibration.fit(z, mean, std, pcs, self.projection, ends, context=context)
+        return ForecastCalibration.fit(
+            z, mean, std, pcs, self.projection, ends, context=context, head_steps=head_steps
+        )

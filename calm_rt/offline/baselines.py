@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calm_rt.data.splits import TRAIN, VAL, PreparedSession, Protocol
+from calm_rt.errors import ConfigError
 from calm_rt.live.forecast_calibration import population_loadings
 from calm_rt.live.readout import DECODE_LAGS, lagged_activity
 from calm_rt.live.ridge import RidgeModel, fit_ridge
@@ -147,19 +148,35 @@ class _POCONet(nn.Module):
 
 
 class POCOForecaster:
-    """POCO-style multi-session forecaster, trained on training windows of all sessions."""
+    """POCO-style multi-session forecaster, trained on training windows of all sessions.
+
+    With ``runs`` > 1, that many models are trained from seeds ``seed``,
+    ``seed + 1``, ..: one training run is a noisy measurement (on the
+    hindbrain recording, the same seed scored 0.404 with one torch thread
+    and 0.460 with two, from float rounding alone), so ``eval`` reports the
+    mean score over runs with its range (:meth:`predict_runs`).
+    """
 
     name = "poco_mlp"
 
-    def __init__(self, steps: int = 1500, batch: int = 16, lr: float = 1e-3, seed: int = 0) -> None:
-        self.steps, self.batch, self.lr, self.seed = steps, batch, lr, seed
+    def __init__(
+        self, steps: int = 1500, batch: int = 16, lr: float = 1e-3, seed: int = 0, runs: int = 1
+    ) -> None:
+        if runs < 1:
+            raise ConfigError(f"POCO needs at least one training run, got runs={runs}")
+        self.steps, self.batch, self.lr, self.seed, self.runs = steps, batch, lr, seed, runs
 
     def fit(self, sessions: Sequence[PreparedSession], protocol: Protocol) -> None:
-        torch.manual_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
         self.offsets = np.cumsum([0] + [s.n_neurons for s in sessions])
-        self.net = _POCONet(protocol.context, protocol.horizon, int(self.offsets[-1]))
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
+        self.nets = [self._fit_one(sessions, protocol, self.seed + r) for r in range(self.runs)]
+
+    def _fit_one(
+        self, sessions: Sequence[PreparedSession], protocol: Protocol, seed: int
+    ) -> _POCONet:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        net = _POCONet(protocol.context, protocol.horizon, int(self.offsets[-1]))
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=1e-4)
         train = [dense_window_starts(s.labels, TRAIN, protocol) for s in sessions]
         val = [protocol.window_starts(s.labels, VAL) for s in sessions]
         usable = [k for k, t in enumerate(train) if t.size]
@@ -168,15 +185,15 @@ class POCOForecaster:
             k = usable[int(rng.integers(len(usable)))]
             starts = rng.choice(train[k], size=min(self.batch, train[k].size), replace=False)
             ctx, tgt = windows_at(sessions[k].z, starts, protocol.context, protocol.horizon)
-            loss = F.mse_loss(self.net(ctx, self._units(k, sessions[k].n_neurons)), tgt)
+            loss = F.mse_loss(net(ctx, self._units(k, sessions[k].n_neurons)), tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             if (step + 1) % 250 == 0 and any(v.size for v in val):
                 with torch.no_grad():
                     errs = [
-                        float(F.mse_loss(self.predict(j, c), t))
+                        float(F.mse_loss(net(c, self._units(j, sessions[j].n_neurons)), t))
                         for j, v in enumerate(val)
                         if v.size
                         for c, t in [
@@ -186,17 +203,25 @@ class POCOForecaster:
                 if np.mean(errs) < best:
                     best, best_state = (
                         float(np.mean(errs)),
-                        {n: p.clone() for n, p in self.net.state_dict().items()},
+                        {n: p.clone() for n, p in net.state_dict().items()},
                     )
         if best_state is not None:
-            self.net.load_state_dict(best_state)
+            net.load_state_dict(best_state)
+        return net
 
     def _units(self, k: int, n: int) -> Tensor:
         return torch.arange(self.offsets[k], self.offsets[k] + n)
 
     @torch.no_grad()
     def predict(self, k: int, context: Tensor) -> Tensor:
-        return self.net(context, self._units(k, context.shape[1]))
+        """The first run's forecast (one POCO model)."""
+        return self.nets[0](context, self._units(k, context.shape[1]))
+
+    @torch.no_grad()
+    def predict_runs(self, k: int, context: Tensor) -> list[Tensor]:
+        """Each run's forecast: scored separately, then averaged (not an ensemble)."""
+        units = self._units(k, context.shape[1])
+        return [net(context, units) for net in self.nets]
 
 
 # ---------------------------------------------------------------------------

@@ -187,6 +187,27 @@ def calibrate_forecasts(model: CalM, s: PreparedSession, protocol: Protocol) -> 
     return CalmForecasts(out, calibration, projection)
 
 
+def _score_runs(
+    f: Any, k: int, ctx: torch.Tensor, target: np.ndarray, copy: np.ndarray, batch: int
+) -> dict[str, Any]:
+    """A baseline's metrics on session ``k``; for one with several training runs
+    (``predict_runs``), the mean over runs and ``score_min`` / ``score_max``."""
+    runs = getattr(f, "predict_runs", lambda k_, c: [f.predict(k_, c)])
+    chunks = [runs(k, ctx[b0 : b0 + batch]) for b0 in range(0, ctx.shape[0], batch)]
+    rows = []
+    for r in range(len(chunks[0])):
+        pred = torch.cat([c[r] for c in chunks]).numpy()
+        rows.append(
+            {**_forecast_metrics(pred, target, copy), "mse_by_horizon": _by_horizon(pred, target)}
+        )
+    out = _mean_rows(rows)
+    if len(rows) > 1:
+        out["runs"] = float(len(rows))
+        out["score_min"] = min(r["score"] for r in rows)
+        out["score_max"] = max(r["score"] for r in rows)
+    return out
+
+
 def evaluate(
     model: CalM,
     meta: dict[str, Any],
@@ -285,11 +306,7 @@ def evaluate(
             row[name]["mse_by_horizon"] = _by_horizon(pred, target)
         row["calm"]["calibration_cv_gain"] = calm.calibration.cv_gain
         for f in forecasters:
-            pred = torch.cat(
-                [f.predict(k, ctx[b0 : b0 + batch]) for b0 in range(0, len(starts), batch)]
-            ).numpy()
-            row[f.name] = _forecast_metrics(pred, target, copy)
-            row[f.name]["mse_by_horizon"] = _by_horizon(pred, target)
+            row[f.name] = _score_runs(f, k, ctx, target, copy, batch)
         per_session.append(row)
         say(
             f"forecast {s.session.session_id}: calm {row['calm']['score']:.3f}, "
