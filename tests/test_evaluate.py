@@ -72,7 +72,7 @@ def test_evaluate_emits_the_full_json(sessions):
     }
     result = evaluate(
         model, meta, sessions, PROTOCOL,
-        forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=30)],
+        forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=30, runs=2)],
         decoders=[RidgeDecoder(), GRUDecoder(steps=20)],
     )  # fmt: skip
     assert result["context"] == 48 and result["horizon"] == 16 and result["sessions"] == 2
@@ -89,6 +89,10 @@ def test_evaluate_emits_the_full_json(sessions):
     # horizon on autocorrelated activity, or the horizons are mis-indexed.
     copy_mse = forecast["copy_last"]["mse_by_horizon"]
     assert copy_mse["1"] < copy_mse["4"] < copy_mse["16"]
+    # Two POCO runs (seeds 0 and 1) are two models, scored apart and averaged.
+    poco = forecast["poco_mlp"]
+    assert poco["runs"] == 2 and poco["score_min"] < poco["score_max"]
+    assert poco["score_min"] <= poco["score"] <= poco["score_max"]
     # What the engine published, replayed frame by frame, is what eval scores as calm.
     assert result["live_max_abs_diff"] < 1e-3
     assert forecast["calm_live"]["score"] == pytest.approx(forecast["calm"]["score"], abs=1e-3)
