@@ -305,6 +305,7 @@ def evaluate(
             row[name] = _forecast_metrics(pred, target, copy)
             row[name]["mse_by_horizon"] = _by_horizon(pred, target)
         row["calm"]["calibration_cv_gain"] = calm.calibration.cv_gain
+        row["calm"]["head_weight"] = calm.calibration.head_weight  # 0: the ridge alone
         for f in forecasters:
             row[f.name] = _score_runs(f, k, ctx, target, copy, batch)
         per_session.append(row)
