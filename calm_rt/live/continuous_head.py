@@ -32,10 +32,12 @@ from torch import Tensor, nn
 __all__ = ["MIN_SAMPLES_PER_WEIGHT", "ContinuousHead", "head_inputs"]
 
 # The head is fitted only on at least this many training samples (neuron x
-# window) per weight of one member. Below it, on the 892-volume whole-brain
-# recording (17k samples for 28k weights of a 128-unit head), validation chose the head and the
-# test blocks scored worse (0.227 against 0.269 without): too little data
-# for the early stopping and the blend weight to be chosen reliably.
+# window) per weight of one member: a floor against fitting a nonlinear model
+# to a handful of windows, not a guarantee. Just above it, on the 892-volume
+# whole-brain recording (67 regions, one 150-frame validation block),
+# validation chose the head (weight 0.6) and the test block scored worse than
+# the ridge alone (0.228 against 0.262; docs/model.md). Left at 2 rather
+# than raised to exclude that one recording.
 MIN_SAMPLES_PER_WEIGHT = 2
 
 
