@@ -4,7 +4,8 @@
         docs/results/eval_zebrafish_hindbrain.json ...
 
 Each file is one column: forecasting score (1 - MSE/MSE(copy last)) per
-model, MSE at h = 1 and 16, interval coverage of `calm` per horizon, and
+model, MSE at h = 1 and 16 (for a baseline trained several times, the range
+of its runs' scores), interval coverage of `calm` per horizon, and
 behaviour decoding R2 where the data has behaviour.
 """
 
@@ -34,8 +35,13 @@ def main(paths: list[str]) -> int:
                 cells.append("-")
                 continue
             by_h = f.get("mse_by_horizon", {})
+            runs = (
+                f", {f['runs']:.0f} runs {f['score_min']:.3f} .. {f['score_max']:.3f}"
+                if "runs" in f
+                else ""
+            )
             cells.append(f"{f['score']:.3f} ({by_h.get('1', float('nan')):.3f} / "
-                         f"{by_h.get('16', float('nan')):.3f})")  # fmt: skip
+                         f"{by_h.get('16', float('nan')):.3f}{runs})")  # fmt: skip
         print(f"| `{m}` | " + " | ".join(cells) + " |")
     print()
     print(
