@@ -117,7 +117,8 @@ def test_eval_cli_on_real_zebrafish_regions(shared_data, tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "calm_rt", "eval", "--data", str(shared_data / "zebrafish_legare"),
-            "--fps", "1", "--block-frames", "150", "--poco-steps", "60",
+            "--fps", "1", "--block-frames", "150", "--poco-steps", "60", "--poco-runs", "1",
+            "--head-steps", "100",
             "--json", str(out),
         ],
         capture_output=True, text=True, timeout=600,
@@ -126,3 +127,13 @@ def test_eval_cli_on_real_zebrafish_regions(shared_data, tmp_path):
     result = json.loads(out.read_text())
     assert set(result["forecast"]) >= {"calm", "copy_last", "linear_ar", "poco_mlp"}
     assert result["sessions"] == 1 and "decoding" not in result
+
+
+def test_eval_cli_refuses_negative_head_steps(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "calm_rt", "eval", "--data", str(tmp_path), "--json",
+         str(tmp_path / "x.json"), "--head-steps", "-1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--head-steps must be >= 0" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

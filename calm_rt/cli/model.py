@@ -198,6 +198,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         help="POCO-style models trained from seeds 0..R-1; its row is their mean score (default 3)",
     )  # fmt: skip
     p.add_argument(
+        "--head-steps", type=int, default=2000,
+        help="training steps of the calibration's continuous head (0: the ridge alone; default 2000)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-live", action="store_true",
         help="skip the calm_live row (replaying every session through the streaming engine)",
     )  # fmt: skip
@@ -219,10 +223,13 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 )
 @arguments(_eval_args)
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from calm_rt.errors import ConfigError
     from calm_rt.model import load_checkpoint
     from calm_rt.offline.baselines import CopyLast, LinearAR, POCOForecaster
     from calm_rt.offline.evaluate import evaluate
 
+    if args.head_steps < 0:
+        raise ConfigError(f"--head-steps must be >= 0 (0: the ridge alone), got {args.head_steps}")
     device = _eval_device(args.device)
     model, meta = load_checkpoint(args.checkpoint)
     prepared = _prepare(args.data, args)
@@ -231,6 +238,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         forecasters=[CopyLast(), LinearAR(), POCOForecaster(steps=args.poco_steps, runs=args.poco_runs)],
         progress=lambda msg: print(msg, flush=True),
         live=not args.no_live,
+        head_steps=args.head_steps,
     )  # fmt: skip
     result["checkpoint"] = str(args.checkpoint or "shipped default")
     result["device"] = device

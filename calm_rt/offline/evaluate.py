@@ -158,7 +158,9 @@ class CalmForecasts:
 MAX_FIT_WINDOWS = 4096  # per session: [N, S, F] float64 design matrices stay within memory
 
 
-def calibrate_forecasts(model: CalM, s: PreparedSession, protocol: Protocol) -> CalmForecasts:
+def calibrate_forecasts(
+    model: CalM, s: PreparedSession, protocol: Protocol, head_steps: int = 2000
+) -> CalmForecasts:
     """Run CalM over the session (causal, as the engine does) and fit its forecast calibration.
 
     Fitted on the windows ending at every frame inside training blocks (every
@@ -183,6 +185,7 @@ def calibrate_forecasts(model: CalM, s: PreparedSession, protocol: Protocol) -> 
         fit_ends,
         val_ends,
         context=protocol.context,
+        head_steps=head_steps,
     )
     return CalmForecasts(out, calibration, projection)
 
@@ -218,6 +221,7 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
     batch: int = 16,
     live: bool = True,
+    head_steps: int = 2000,
 ) -> dict[str, Any]:
     """Score CalM and the baselines on the test blocks of ``sessions``.
 
@@ -285,7 +289,7 @@ def evaluate(
             "group": _group_of(s.session, meta),
         }
         say(f"CalM over {s.session.session_id} and its forecast calibration")
-        calm = calm_of[k] = calibrate_forecasts(model, s, protocol)
+        calm = calm_of[k] = calibrate_forecasts(model, s, protocol, head_steps)
         e = torch.from_numpy(ends)
         token_mean = calm.offline.forecast[:, e, :h].transpose(0, 1)  # [B, N, H]
         token_std = calm.offline.forecast_std[:, e, :h].transpose(0, 1)
