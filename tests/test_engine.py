@@ -299,7 +299,6 @@ def test_memory_is_flat_over_a_40k_frame_replay():
     # beside a busy process it once rose 5.4 MB there and then stayed flat; a steady leak
     # shows in the check below at half the rate an assert over those frames would need.)
     assert end[0] - halfway[0] < 1.0, f"RSS {halfway[0]:.1f} -> {end[0]:.1f} MB"
-    assert settled[0] > 0
 
 
 def test_a_bad_sample_changes_no_state(model, session):
