@@ -1,4 +1,4 @@
-"""Seconds-fast, closed-form calibration of CalM's forecasts to one session.
+"""Seconds-fast calibration of CalM's forecasts to one session: a closed-form ridge and a small MLP.
 
 The pretrained model forecasts through its tokens; what a rig is scored on
 is the mean squared error of the continuous forecast. This calibration

@@ -4,7 +4,7 @@ The forecasting protocol is POCO's (see :mod:`calm_rt.data.splits`): context 48
 frames, horizon 16, score = 1 - MSE(model) / MSE(copy last frame), averaged
 over sessions, plus MSE, MAE and Pearson r; test windows every 16 frames
 inside test blocks. Baselines are fitted on the training blocks of the very
-sessions they are scored on; so is CalM's closed-form forecast calibration
+sessions they are scored on; so is CalM's forecast calibration (ridge + continuous head)
 (``calm``), beside the pretrained model as it is (``calm_zeroshot``) and the
 streaming engine's own published forecasts (``calm_live``).
 """
@@ -225,7 +225,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score CalM and the baselines on the test blocks of ``sessions``.
 
-    Rows: ``calm`` is CalM with its closed-form forecast calibration fitted
+    Rows: ``calm`` is CalM with its forecast calibration (ridge + continuous head) fitted
     on the training blocks (the data the baselines are fitted on, penalty on
     validation blocks; :mod:`calm_rt.live.forecast_calibration`);
     ``calm_zeroshot`` the pretrained model's own token forecast; with
