@@ -66,6 +66,41 @@ def test_streaming_equals_offline_long_after_the_window_slides(model, session):
     assert [p.seq for p in preds] == list(range(700)) and preds[0].reset and not preds[1].reset
 
 
+def test_the_compiled_step_equals_the_offline_model_and_never_compiles_mid_session(model, session):
+    """``compile=True`` (inductor with the machine's C++ compiler): the engine
+    equals the offline model as the eager one does, over a sliding window and a
+    filled gap, and every graph was compiled while the engine was built."""
+    from torch._dynamo.utils import counters
+
+    engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0, compile=True))
+    assert engine.compile_seconds > 0
+    compiled_before = counters["stats"]["unique_graphs"]
+    keep = np.ones(160, bool)  # 40 tokens per chain: the 12-token window fills and slides
+    keep[[70, 71, 72]] = False  # the scope lost three frames: filled as missing
+    traces, neuropil = session.traces[:, :160], session.neuropil[:, :160]
+    preds = _stream(engine, traces[:, keep], neuropil[:, keep], np.flatnonzero(keep))
+    assert counters["stats"]["unique_graphs"] == compiled_before
+    assert [p.filled for p in preds if p.filled] == [3]
+
+    lost = traces.copy()
+    lost[:, ~keep] = np.nan
+    _, off = _offline(model, lost, neuropil)
+    np.testing.assert_array_equal(
+        np.stack([p.tokens for p in preds], 1), off.tokens.numpy()[:, keep]
+    )
+    np.testing.assert_allclose(
+        np.stack([p.forecast for p in preds], 1),
+        off.forecast.numpy()[:, keep],
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
+def test_compile_is_refused_off_the_cpu():
+    with pytest.raises(ConfigError, match="compile is for the CPU"):
+        EngineConfig(n_neurons=4, fps=30.0, device="cuda", compile=True)
+
+
 def test_dropped_frames_are_filled_and_reported(model, session):
     engine = StreamingEngine(model, EngineConfig(n_neurons=24, fps=30.0))
     keep = np.ones(300, bool)

@@ -41,6 +41,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,9 @@ class EngineConfig:
     background_calibration: bool = True
     # Training steps of the calibration's continuous head (0: the closed-form ridge alone).
     calibration_head_steps: int = 2000
+    # torch.compile (inductor, the machine's C++ compiler) the DAT step's layers, compiled
+    # while the engine is built (seconds to a minute); CPU only (docs/engine.md).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.n_neurons < 1:
@@ -100,6 +104,11 @@ class EngineConfig:
         if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu or cuda (cuda:N), got {self.device!r}")
         object.__setattr__(self, "device", device)
+        if self.compile and device != "cpu":
+            raise ConfigError(
+                "compile is for the CPU (measured there); on a GPU the Triton kernels run the "
+                "step: drop compile, or use device cpu"
+            )
 
     @property
     def max_gap_frames(self) -> int:
@@ -201,6 +210,10 @@ class StreamingEngine:
         self._cal_y: list[np.ndarray] = []
         self.frame = 0
         self.expected_seq: int | None = None
+        self._step_layers: Callable[..., Tensor] | None = None  # None: the eager layers
+        self.compile_seconds = 0.0  # how long compiling took (0 without compile)
+        if config.compile:
+            self._step_layers = self._compile_step_layers()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -431,7 +444,35 @@ class StreamingEngine:
     def _dat_step(self, tokens: Tensor) -> Tensor:
         """Advance chain ``frame mod P`` by one token; returns hidden ``[N, W]``."""
         phase, position = self.frame % self.patch, self.frame // self.patch
-        return self.model.dat.step(tokens, position, self.cache, phase)
+        return self.model.dat.step(tokens, position, self.cache, phase, self._step_layers)
+
+    def _compile_step_layers(self) -> Callable[..., Tensor]:
+        """``DAT.step_layers`` compiled, and every variant a session meets compiled now.
+
+        A session meets three: the first slot (the slot number is symbolic
+        after that one), a window still filling (a mask) and a full window
+        (none). Each is compiled here, on a scratch cache of this session's
+        shape, so no frame waits for the compiler.
+        """
+        dat, cfg = self.model.dat, self.model.config.dat
+        compiled = torch.compile(dat.step_layers, fullgraph=True)
+        scratch = KVCache(
+            cfg.layers, 1, self.n, cfg.heads, self.context, self.head_dim, self.device
+        )
+        tokens = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                for position in range(self.context + 1):  # the window fills, then is full
+                    dat.step(tokens, position, scratch, 0, compiled)
+        except Exception as exc:  # inductor's errors have no common base class
+            raise ConfigError(
+                f"compiling the engine step failed ({type(exc).__name__}: {exc}); inductor on "
+                "the CPU needs a C++ compiler (gcc or clang on PATH); or run without compile"
+            ) from exc
+        self.compile_seconds = time.perf_counter() - t0
+        log.info("engine step compiled in %.1f s (%d neurons)", self.compile_seconds, self.n)
+        return compiled
 
     # -- behaviour ------------------------------------------------------------------
 

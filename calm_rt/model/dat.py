@@ -17,6 +17,7 @@ width, C the temporal window in tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -68,19 +69,44 @@ class DualAxisTransformer(nn.Module):
         hidden = self.norm(x)
         return hidden, self.logits(hidden)
 
-    def step(self, tokens: Tensor, position: int, cache: KVCache, chain: int) -> Tensor:
+    def step(
+        self,
+        tokens: Tensor,
+        position: int,
+        cache: KVCache,
+        chain: int,
+        step_layers: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
         """Advance chain ``chain`` by one token per neuron: ``tokens [N]`` to hidden ``[N, W]``.
 
         ``position`` is the token's index along its chain; the chain's KV
         cache is updated in place. Equal to the last position of
-        :meth:`forward` over the chain's last C tokens.
+        :meth:`forward` over the chain's last C tokens. ``step_layers``
+        replaces :meth:`step_layers` (the streaming engine passes its
+        compiled copy).
         """
         slot, keep = cache.advance(chain, position)
         device = cache.k.device
         cos, sin = (t.float() for t in self.rotary(torch.tensor([position], device=device)))
+        layers = [cache.layer(layer, chain) for layer in range(len(self.blocks))]
+        return (step_layers or self.step_layers)(tokens, cos, sin, layers, slot, keep)
+
+    def step_layers(
+        self,
+        tokens: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        caches: list[tuple[Tensor, Tensor]],
+        slot: int,
+        keep: Tensor | None,
+    ) -> Tensor:
+        """The tensor part of :meth:`step` (what ``EngineConfig.compile`` compiles).
+
+        ``caches``: per layer the chain's key and value cache ``[N, H, C, d]``,
+        written at ``slot``; ``keep`` as :meth:`KVCache.advance` returns it.
+        """
         x = self.embed(tokens)[None, :, None]  # [1, N, 1, W]
-        for layer, block in enumerate(self.blocks):
-            k_cache, v_cache = cache.layer(layer, chain)
+        for block, (k_cache, v_cache) in zip(self.blocks, caches, strict=True):
             x = block(x, cos, sin, CacheSlot(k_cache, v_cache, slot, keep))
         return self.norm(x[0, :, 0])
 

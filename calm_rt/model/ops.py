@@ -128,7 +128,7 @@ _LIB = torch.library.Library("calm_rt", "DEF")  # the low-level API, on purpose 
 _LIB.define("codebook_lookup(Tensor x, Tensor codebook) -> (Tensor, Tensor, Tensor)")
 _LIB.define(
     "temporal_attention_step(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
-    "Tensor(a!) k_cache, Tensor(b!) v_cache, int slot, Tensor? keep) -> Tensor"
+    "Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt slot, Tensor? keep) -> Tensor"
 )
 _LIB.define("neural_attention(Tensor q, Tensor k, Tensor v) -> Tensor")
 
