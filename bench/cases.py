@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,7 +119,12 @@ def case_tokenizer(cfg: BenchConfig, log: Log) -> list[dict]:
 
 
 def _engine_rows(
-    model: Any, neurons: list[int], device: str, iters: int, label: str, log: Log
+    model: Any,
+    neurons: list[int],
+    device: str,
+    iters: int,
+    label: str,
+    log: Log,
 ) -> list[dict]:
     from calm_rt.live.engine import EngineConfig, StreamingEngine
 
@@ -163,10 +169,56 @@ def case_engine(cfg: BenchConfig, log: Log) -> list[dict]:
                            threads=server_threads, server_threads=True)  # fmt: skip
                 rows.append(row)
             if not cfg.quick:
+                rows += _compiled_against_eager_rows(model, 256, iters, server_threads, log)
                 rows.append(_calibrated_engine_row(model, 256, cfg.device, iters, log))
                 rows[-1]["threads"] = server_threads
         finally:
             torch.set_num_threads(before)
+    return rows
+
+
+def _compiled_against_eager_rows(
+    model: Any, n: int, iters: int, threads: int, log: Log
+) -> list[dict]:
+    """``EngineConfig.compile`` against the eager step, stepped alternately on the same frames.
+
+    Alternating frame by frame (and which goes first) puts both under the same
+    load, so their ratio holds on a noisy shared machine where two
+    back-to-back runs differ by more than compiling gains.
+    """
+    from calm_rt.live.engine import EngineConfig, StreamingEngine
+
+    engines = {
+        compiled: StreamingEngine(model, EngineConfig(n_neurons=n, fps=30.0, compile=compiled))
+        for compiled in (False, True)
+    }
+    frames = (300 + 20 * np.random.default_rng(n).standard_normal((n, 256))).astype(np.float32)
+    warmup = 4 * model.config.context_frames
+    ms: dict[bool, list[float]] = {False: [], True: []}
+    dat_ms: dict[bool, list[float]] = {False: [], True: []}
+    for t in range(warmup + iters):
+        for compiled in (t % 2 == 0, t % 2 == 1):
+            t0 = time.perf_counter()
+            pred = engines[compiled].step(frames[:, t % 256], seq=t)
+            if t >= warmup:
+                ms[compiled].append((time.perf_counter() - t0) * 1e3)
+                dat_ms[compiled].append(pred.timings_ms["dat"])
+    rows = []
+    for compiled in (False, True):
+        what = "compiled" if compiled else "eager"
+        row = {"name": f"engine step {n} neurons, {what}, alternating, {threads} thread(s)",
+               "case": "engine step compile", "neurons": n, "threads": threads,
+               "compiled": compiled, "dat_p50_ms": round(float(np.median(dat_ms[compiled])), 4),
+               **stats(np.asarray(ms[compiled]))}  # fmt: skip
+        if compiled:
+            row["compile_s"] = round(engines[True].compile_seconds, 2)
+            row["p50_vs_eager"] = round(row["p50_ms"] / rows[0]["p50_ms"], 3)
+        rows.append(row)
+    log(
+        f"  engine step {n} neurons compiled / eager, alternating: p50 {rows[1]['p50_ms']:.3f} / "
+        f"{rows[0]['p50_ms']:.3f} ms, DAT {rows[1]['dat_p50_ms']:.3f} / {rows[0]['dat_p50_ms']:.3f} "
+        f"ms (compiled in {rows[1]['compile_s']:.1f} s)"
+    )
     return rows
 
 
@@ -177,7 +229,6 @@ def _calibrated_engine_row(model: Any, n: int, device: str, iters: int, log: Log
     too, in the stepping thread); the timed steps then run the calibration's
     per-frame forecast on top of the step above.
     """
-    import time
 
     from calm_rt.data import SimConfig, make_animal, simulate_session
     from calm_rt.live.engine import EngineConfig, StreamingEngine

@@ -47,6 +47,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         if r.get("case") == "e2e":
             notes.append(f"{r['predictions']}/{r['frames']} answered, {r['dropped']} dropped")
             notes.append(f"server p99 {r['server_p99_ms']:.2f} ms")
+        if "dat_p50_ms" in r:
+            notes.append(f"DAT p50 {r['dat_p50_ms']:.3f} ms")
+        if "compile_s" in r:
+            notes.append(
+                f"{r['p50_vs_eager']:.2f}x the eager p50; compiled in {r['compile_s']:.1f} s"
+            )
 
         lines.append(
             f"| {r['name']} | {_fmt(r, 'p50_ms')} | {_fmt(r, 'p90_ms')} | {_fmt(r, 'p99_ms')} | {_fmt(r, 'max_ms')} | "

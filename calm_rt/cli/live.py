@@ -14,7 +14,7 @@ from calm_rt.cli._registry import arguments, command
 SERVE_OPTION_DESTS = (
     "ingest", "ingest_mode", "publish", "control", "checkpoint", "fps", "kind", "horizon", "rois",
     "record", "triggers", "keys", "max_lag_ms", "data_dir", "threads", "device", "priority", "cpus",
-    "seconds",
+    "seconds", "compile",
 )  # fmt: skip
 
 
@@ -57,6 +57,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="files a peer names over the control socket must lie here (default: working dir)",
     )  # fmt: skip
     _threads_arg(p)
+    p.add_argument(
+        "--compile", action="store_true", default=None,
+        help="torch.compile the engine step when the session starts (CPU only; seconds to a "
+        "minute, then a faster step: docs/engine.md)",
+    )  # fmt: skip
     _device_arg(p)
     _priority_args(p)
     p.add_argument("--seconds", type=float, help="stop after this long (default: until stopped)")
@@ -169,7 +174,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         keys=CurveKeys.from_folder(opts["keys"]) if opts["keys"] else None,
         status_every_s=opts["status_every_s"], torch_threads=opts["threads"],
         data_dir=opts["data_dir"], device=opts["device"], priority=opts["priority"],
-        cpus=tuple(opts["cpus"]),
+        cpus=tuple(opts["cpus"]), compile=opts["compile"],
     )  # fmt: skip
     server = Server(config).start()
     stop = lambda signum, frame: server.request_stop(f"signal {signum}")  # noqa: E731

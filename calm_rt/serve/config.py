@@ -56,9 +56,16 @@ class ServiceConfig:
     # or "realtime" (SCHED_FIFO); both of the latter need the right to raise priority.
     priority: str = "normal"
     cpus: tuple[int, ...] = ()  # CPU affinity of the service threads; (): any core
+    # torch.compile the engine step when a session is built (EngineConfig.compile; CPU only).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", resolve_device(self.device))
+        if self.compile and self.device != "cpu":
+            raise ConfigError(
+                f"compile is for the CPU, but the model runs on {self.device}: drop --compile "
+                "(the Triton kernels run the step on a GPU) or pass --device cpu"
+            )
         if self.ingest_mode not in ("sub", "pull"):
             raise ConfigError(f"ingest_mode must be 'sub' or 'pull', got {self.ingest_mode!r}")
         if not (self.fps > 0):

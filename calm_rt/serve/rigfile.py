@@ -114,6 +114,8 @@ OPTIONS: tuple[Option, ...] = (
            "where the model runs: auto, cpu, cuda or cuda:N", check=_device),
     Option("model", "threads", "threads", "int", None, "--threads",
            "torch threads (unset: all cores but one)", check=_at_least(1), optional=True),
+    Option("model", "compile", "compile", "bool", False, "--compile",
+           "torch.compile the engine step when the session starts (CPU only)"),
     Option("output", "publish", "publish", "str", "tcp://127.0.0.1:5556", "--publish",
            "where rigs subscribe (bound)", check=_endpoint),
     Option("output", "control", "control", "str", "tcp://127.0.0.1:5557", "--control",

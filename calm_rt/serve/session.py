@@ -99,6 +99,7 @@ class LiveSession:
                 kind=config.kind,
                 horizon=config.horizon,
                 device=config.device,
+                compile=config.compile,
             ),
         )
         triggers.bind(n_neurons)  # rules given before the session now meet its neurons
