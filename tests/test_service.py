@@ -111,6 +111,32 @@ def test_end_to_end_300_frames_at_30hz_none_dropped(model, session):
     )  # no time bound here: latency is measured by `python -m bench`
 
 
+def test_a_compiled_session_answers_every_frame(model, session):
+    """``--compile``: the step compiles in the server's warm-up, before any
+    frame, into graphs symbolic in the neuron count; the session (16 neurons,
+    built at the first frame) compiles nothing more and every frame is answered."""
+    scope_ep, pub_ep, ctl_ep = free(), free(), free()
+    server = Server(
+        ServiceConfig(ingest=scope_ep, publish=pub_ep, control=ctl_ep, fps=30.0,
+                      max_lag_ms=NO_DROPS, device="cpu", compile=True),
+        model=model,
+    ).start()  # fmt: skip
+    try:
+        status = control_request(ctl_ep, {"cmd": "status"})
+        assert status["compiled"] is None  # no session yet
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0  # the warm-up compiled
+        _, heard = _run_loop(server, scope_ep, pub_ep, _traces_source(session), 120)
+        status = control_request(ctl_ep, {"cmd": "status"})
+    finally:
+        server.stop()
+    assert heard["received"] == 120 and heard["gaps"] == 0
+    assert status["answered"] == 120 and status["compiled"] is True
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled once frames came
+
+
 def test_an_overloaded_server_answers_the_newest_frames_and_counts_the_rest(model, session):
     """Frames far faster than compute: stale ones are dropped and counted, none is filled."""
     scope_ep, pub_ep, ctl_ep = free(), free(), free()

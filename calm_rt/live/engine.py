@@ -41,12 +41,14 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.fx.experimental import _config as fx_config
 
 from calm_rt.data import CausalPreprocessor, PreprocessConfig
 from calm_rt.errors import ConfigError, DataError
@@ -62,6 +64,17 @@ __all__ = ["HISTORY", "Calibration", "EngineConfig", "Prediction", "StreamingEng
 log = logging.getLogger(__name__)
 
 HISTORY = 48  # frames of normalised activity kept for the forecast calibration (its context)
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step_layers(dat: nn.Module) -> Callable[..., Tensor]:
+    """One compiled ``step_layers`` per model: torch.compile's graphs hang off its wrapper."""
+    if dat not in _COMPILED:
+        # dynamic=True: symbolic in the neuron count (measured as fast as a static graph).
+        _COMPILED[dat] = torch.compile(dat.step_layers, dynamic=True, fullgraph=True)
+    return _COMPILED[dat]
 
 
 @dataclass(frozen=True)
@@ -441,6 +454,11 @@ class StreamingEngine:
         self.history[:, -lost:] = 0.0
         self.frame += frames
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the DAT step runs compiled (``EngineConfig.compile``)."""
+        return self._step_layers is not None
+
     def _dat_step(self, tokens: Tensor) -> Tensor:
         """Advance chain ``frame mod P`` by one token; returns hidden ``[N, W]``."""
         phase, position = self.frame % self.patch, self.frame // self.patch
@@ -452,17 +470,23 @@ class StreamingEngine:
         A session meets three: the first slot (the slot number is symbolic
         after that one), a window still filling (a mask) and a full window
         (none). Each is compiled here, on a scratch cache of this session's
-        shape, so no frame waits for the compiler.
+        shape, so no frame waits for the compiler. The graphs are shared by
+        every engine of the model and symbolic in the neuron count, so once
+        one engine has compiled (the server's warm-up, before any frame), a
+        session of any size (but 1) compiles nothing.
         """
         dat, cfg = self.model.dat, self.model.config.dat
-        compiled = torch.compile(dat.step_layers, fullgraph=True)
+        compiled = _compiled_step_layers(dat)
+        # The cache's own layout (all P chains): the graphs are guarded on the views' base.
         scratch = KVCache(
-            cfg.layers, 1, self.n, cfg.heads, self.context, self.head_dim, self.device
+            cfg.layers, self.patch, self.n, cfg.heads, self.context, self.head_dim, self.device
         )
         tokens = torch.zeros(self.n, dtype=torch.int64, device=self.device)
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
+            # No duck sizing: a neuron count that happens to equal a model dimension
+            # must not become a guard (every other count would then recompile).
+            with torch.no_grad(), fx_config.patch(use_duck_shape=False):
                 for position in range(self.context + 1):  # the window fills, then is full
                     dat.step(tokens, position, scratch, 0, compiled)
         except Exception as exc:  # inductor's errors have no common base class

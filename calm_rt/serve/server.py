@@ -231,10 +231,7 @@ class Server:
             "stages_ms": c.stages.summary(),
             "neurons": session.n_neurons if session is not None else None,
             "device": self.config.device,
-            # Seconds compiling this session's engine step took (null: not compiled).
-            "compile_s": round(session.engine.compile_seconds, 1)
-            if session is not None and self.config.compile
-            else None,
+            "compiled": session.engine.compiled if session is not None else None,
             "priority": self.config.priority,
             "segmenting": self.compute.setup.segmenting,
             "rois": session.rois_source if session is not None else self.compute.setup.rois_source,

@@ -403,13 +403,18 @@ class SessionSetup:
         return session
 
     def warm_up_model(self) -> None:
-        """Warm the model's per-frame path on a throwaway engine (the session is not known yet)."""
+        """Warm the model's per-frame path on a throwaway engine (the session is not known yet).
+
+        With ``compile`` this is where the step compiles: its graphs serve the
+        session's engine of any size, so the first frame does not wait for it.
+        """
         engine = StreamingEngine(
             self.model,
             EngineConfig(
-                n_neurons=8, fps=self.config.fps, kind=self.config.kind, device=self.config.device
+                n_neurons=8, fps=self.config.fps, kind=self.config.kind,
+                device=self.config.device, compile=self.config.compile,
             ),
-        )
+        )  # fmt: skip
         rng = np.random.default_rng(0)
         for t in range(2 * self.model.config.context_frames):
             traces = (100 + rng.random(8)).astype(np.float32)
