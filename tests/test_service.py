@@ -282,7 +282,14 @@ def test_control_commands(model, session, tmp_path):
             assert not control_request(ctl_ep, {"cmd": "fly"})["ok"]
             for t in range(5, 35):
                 push.send_multipart(encode("traces", {"seq": t}, {"traces": session.traces[:, t]}))
-            rig.run(seconds=120, until=lambda: len(rig.stats_by_topic["forecast"].seqs) >= 35)
+            # A frame's trigger message may arrive after its forecast: wait for both.
+            rig.run(
+                seconds=120,
+                until=lambda: (
+                    len(rig.stats_by_topic["forecast"].seqs) >= 35
+                    and len(rig.stats_by_topic["trigger"].seqs) == server.status()["triggers_fired"]
+                ),
+            )
             triggers = len(rig.stats_by_topic["trigger"].seqs)
         assert 1 <= triggers <= 30 and server.status()["triggers_fired"] == triggers
         # One append per recorded frame, each after its frame was handed to the publisher.
