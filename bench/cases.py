@@ -119,12 +119,7 @@ def case_tokenizer(cfg: BenchConfig, log: Log) -> list[dict]:
 
 
 def _engine_rows(
-    model: Any,
-    neurons: list[int],
-    device: str,
-    iters: int,
-    label: str,
-    log: Log,
+    model: Any, neurons: list[int], device: str, iters: int, label: str, log: Log
 ) -> list[dict]:
     from calm_rt.live.engine import EngineConfig, StreamingEngine
 
@@ -229,7 +224,6 @@ def _calibrated_engine_row(model: Any, n: int, device: str, iters: int, log: Log
     too, in the stepping thread); the timed steps then run the calibration's
     per-frame forecast on top of the step above.
     """
-
     from calm_rt.data import SimConfig, make_animal, simulate_session
     from calm_rt.live.engine import EngineConfig, StreamingEngine
 

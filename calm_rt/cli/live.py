@@ -59,8 +59,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _threads_arg(p)
     p.add_argument(
         "--compile", action="store_true", default=None,
-        help="torch.compile the engine step when the session starts (CPU only; seconds to a "
-        "minute, then a faster step: docs/engine.md)",
+        help="torch.compile the engine step at start-up, before the first frame (CPU only; "
+        "seconds; measured a few %% faster: docs/engine.md)",
     )  # fmt: skip
     _device_arg(p)
     _priority_args(p)

@@ -72,7 +72,8 @@ _COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref
 def _compiled_step_layers(dat: nn.Module) -> Callable[..., Tensor]:
     """One compiled ``step_layers`` per model: torch.compile's graphs hang off its wrapper."""
     if dat not in _COMPILED:
-        # dynamic=True: symbolic in the neuron count (measured as fast as a static graph).
+        # dynamic=True: symbolic in the neuron count, so one compile serves every session
+        # (graphs static in it were a few % faster but recompiled for each session size).
         _COMPILED[dat] = torch.compile(dat.step_layers, dynamic=True, fullgraph=True)
     return _COMPILED[dat]
 
@@ -95,7 +96,7 @@ class EngineConfig:
     # Training steps of the calibration's continuous head (0: the closed-form ridge alone).
     calibration_head_steps: int = 2000
     # torch.compile (inductor, the machine's C++ compiler) the DAT step's layers, compiled
-    # while the engine is built (seconds to a minute); CPU only (docs/engine.md).
+    # while the engine is built (seconds, once per model); CPU only (docs/engine.md).
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -467,10 +468,10 @@ class StreamingEngine:
     def _compile_step_layers(self) -> Callable[..., Tensor]:
         """``DAT.step_layers`` compiled, and every variant a session meets compiled now.
 
-        A session meets three: the first slot (the slot number is symbolic
-        after that one), a window still filling (a mask) and a full window
-        (none). Each is compiled here, on a scratch cache of this session's
-        shape, so no frame waits for the compiler. The graphs are shared by
+        A session meets two, a window still filling (a mask) and a full
+        window (none); the slot is symbolic. Both are compiled here, on a
+        scratch cache of this session's shape, so no frame waits for the
+        compiler. The graphs are shared by
         every engine of the model and symbolic in the neuron count, so once
         one engine has compiled (the server's warm-up, before any frame), a
         session of any size (but 1) compiles nothing.

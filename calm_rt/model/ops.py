@@ -99,7 +99,7 @@ def _kernels_or_raise() -> ModuleType:
 def _use_triton(x: torch.Tensor) -> bool:
     """Whether this call goes to the Triton kernel (``x`` is its first input)."""
     if not x.is_cuda and os.environ.get("CALM_RT_KERNELS", "auto") == "auto":
-        return False  # the CPU hot path: one lookup, no validation needed
+        return False  # CPU tensors under auto (a compiled step): no validation needed
     mode = kernel_mode()
     if mode == "reference" or x.dtype not in _KERNEL_DTYPES:
         return False

@@ -56,7 +56,7 @@ class ServiceConfig:
     # or "realtime" (SCHED_FIFO); both of the latter need the right to raise priority.
     priority: str = "normal"
     cpus: tuple[int, ...] = ()  # CPU affinity of the service threads; (): any core
-    # torch.compile the engine step when a session is built (EngineConfig.compile; CPU only).
+    # torch.compile the engine step in the start-up warm-up (EngineConfig.compile; CPU only).
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -115,7 +115,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "threads", "threads", "int", None, "--threads",
            "torch threads (unset: all cores but one)", check=_at_least(1), optional=True),
     Option("model", "compile", "compile", "bool", False, "--compile",
-           "torch.compile the engine step when the session starts (CPU only)"),
+           "torch.compile the engine step at start-up, before the first frame (CPU only)"),
     Option("output", "publish", "publish", "str", "tcp://127.0.0.1:5556", "--publish",
            "where rigs subscribe (bound)", check=_endpoint),
     Option("output", "control", "control", "str", "tcp://127.0.0.1:5557", "--control",
