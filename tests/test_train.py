@@ -113,3 +113,75 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert state["world_size"] == 2 and state["stage"] == "done"
     model, _ = load_checkpoint(tmp_path / "ckpt")
     assert model.run_offline(torch.zeros(4, 40)).forecast.shape == (4, 40, 16)
+
+
+def test_dat_batches_draw_neuron_subsets_of_many_sizes(sessions):
+    # Neural attention must meet the population sizes it runs on live, so each batch
+    # draws its own subset size (log-uniform in [min_neurons, max_neurons]).
+    import numpy as np
+
+    import calm_rt.offline.train as train
+    from calm_rt.model import PRESETS
+
+    cfg = TrainConfig(dat_batch=2, min_neurons=4, max_neurons=24, seq_tokens=8)
+    model_cfg = PRESETS["tiny"]
+    span = model_cfg.patch * (cfg.seq_tokens + model_cfg.dat.horizon_tokens)
+    ends = [train._train_window_ends(s, span) for s in sessions]
+    tokens = [np.zeros((s.n_neurons, s.z.shape[1]), np.int64) for s in sessions]
+    rng = np.random.default_rng(0)
+    sizes = [
+        train._sample_dat_batch(sessions, tokens, ends, rng, cfg, model_cfg)[0].shape[1]
+        for _ in range(300)
+    ]
+    assert min(sizes) >= 4 and max(sizes) <= 24
+    assert min(sizes) <= 5 and max(sizes) >= 22, (min(sizes), max(sizes))
+    assert len(set(sizes)) >= 12
+    with pytest.raises(Exception, match="max_neurons"):
+        TrainConfig(min_neurons=32, max_neurons=16)
+
+    # One size (the shipped recipe) draws no size: the random stream behind
+    # `make checkpoint` stays the one the shipped checkpoint was trained with.
+    class Recording:
+        def __init__(self, rng):
+            self.rng, self.calls = rng, []
+
+        def __getattr__(self, name):
+            self.calls.append(name)
+            return getattr(self.rng, name)
+
+    one = TrainConfig(dat_batch=2, min_neurons=16, max_neurons=16, seq_tokens=8)
+    recording = Recording(np.random.default_rng(1))
+    train._sample_dat_batch(sessions, tokens, ends, recording, one, model_cfg)
+    assert "uniform" not in recording.calls and recording.calls
+    recording = Recording(np.random.default_rng(1))
+    train._sample_dat_batch(sessions, tokens, ends, recording, cfg, model_cfg)
+    assert "uniform" in recording.calls
+
+
+def test_a_mixed_in_recording_trains_only_on_the_blocks_eval_trains_on(shared_data):
+    # `pretrain --recording PATH FPS BLOCK_FRAMES` splits the recording as `eval` does
+    # with the same block length: nothing its validation or test blocks hold is trained on.
+    import argparse
+
+    import numpy as np
+
+    from calm_rt.cli.model import _prepare_recordings
+    from calm_rt.data import load_corpus
+    from calm_rt.data.splits import TRAIN
+    from calm_rt.errors import ConfigError
+    from calm_rt.offline.train import _train_window_ends
+
+    path = shared_data / "zebrafish_hindbrain"
+    args = argparse.Namespace(context=48, horizon=16, block_frames=1000, stride=16)
+    with pytest.warns(Warning):  # the file stores 5.81 Hz
+        (prepared,), (summary,) = _prepare_recordings([[str(path), "5.8", "300"]], args)
+        (session,) = load_corpus([path], fps=5.8)
+    evaluated = prepare_session(session, Protocol(48, 16, 300))
+    np.testing.assert_array_equal(prepared.labels, evaluated.labels)
+    assert summary["block_frames"] == 300 and summary["fps"] == 5.8
+    assert summary["train_frames"] == int((evaluated.labels == TRAIN).sum()) < session.n_frames
+    ends = _train_window_ends(prepared, 64)
+    used = np.unique(ends[:, None] - np.arange(64)[None, :])
+    assert used.size and (evaluated.labels[used] == TRAIN).all()
+    with pytest.raises(ConfigError, match="BLOCK_FRAMES an integer"):
+        _prepare_recordings([[str(path), "5.8", "three hundred"]], args)

@@ -80,6 +80,15 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dat-steps", type=int, default=None, help="transformer steps (default 3000)")
     p.add_argument(
+        "--subset-neurons",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="each transformer batch attends over a random neuron subset of a log-uniform size "
+        "in [MIN, MAX] (default: 64 each time, the shipped recipe)",
+    )
+    p.add_argument(
         "--holdout-animals", type=int, default=0, help="keep the last A animals out of training"
     )
     p.add_argument(
@@ -93,8 +102,51 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-neural-attention", action="store_true", help="ablation: temporal attention only"
     )
+    p.add_argument(
+        "--recording",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("PATH", "FPS", "BLOCK_FRAMES"),
+        help="a real recording to mix in, split with its own frame rate and block length (the "
+        "ones `calm-rt eval` scores it with), so that only its training blocks are trained on; "
+        "repeat for several",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _protocol_args(p)
+
+
+def _prepare_recordings(specs: list[list[str]], args: argparse.Namespace) -> tuple[list, list]:
+    """``--recording PATH FPS BLOCK_FRAMES`` entries, each split by its own block length."""
+    from dataclasses import replace
+
+    from calm_rt.data import load_corpus
+    from calm_rt.data.splits import TRAIN, prepare_session
+    from calm_rt.errors import ConfigError
+
+    prepared, summary = [], []
+    for path, fps_text, block_text in specs:
+        try:
+            fps, block = float(fps_text), int(block_text)
+        except ValueError:
+            raise ConfigError(
+                f"--recording {path} {fps_text} {block_text}: FPS must be a number and "
+                "BLOCK_FRAMES an integer, e.g. --recording ../shared/data/zebrafish_hindbrain 5.8 300"
+            ) from None
+        protocol = replace(_protocol(args), block_frames=block)
+        for session in load_corpus([Path(path)], fps=fps):
+            p = prepare_session(session, protocol)
+            prepared.append(p)
+            summary.append(
+                {
+                    "session_id": session.session_id,
+                    "path": str(path),
+                    "fps": fps,
+                    "block_frames": block,
+                    "train_frames": int((p.labels == TRAIN).sum()),
+                }
+            )
+    return prepared, summary
 
 
 @command(
@@ -122,9 +174,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         changes["tokenizer_steps"] = args.tokenizer_steps
     if args.dat_steps is not None:
         changes["dat_steps"] = args.dat_steps
+    if args.subset_neurons is not None:
+        changes["min_neurons"], changes["max_neurons"] = args.subset_neurons
     train_cfg = replace(TrainConfig(), **changes)
     prepared = _prepare(args.data, args)
     train, summary = _split_holdout(prepared, args.holdout_animals, args.holdout_sessions)
+    if args.recording:  # never held out whole: their own validation and test blocks stay out
+        recordings, summary["recordings"] = _prepare_recordings(args.recording, args)
+        train = train + recordings
+        summary["session_ids"] = sorted(
+            [*summary["session_ids"], *(r["session_id"] for r in summary["recordings"])]
+        )
     if rank == 0:
         print(
             f"pretraining on {len(train)} session(s) of {len(summary['animal_ids'])} animal(s), "

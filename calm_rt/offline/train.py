@@ -52,6 +52,11 @@ class TrainConfig:
     temperature_end: float = 0.1
     restart_every: int = 100
     dat_batch: int = 8
+    # Each batch attends over a random neuron subset, its size log-uniform in
+    # [min_neurons, max_neurons] (capped by the session), so neural attention can
+    # meet the small and large populations it runs on live. None: one size,
+    # max_neurons, the shipped recipe (a 16-128 mix was tried and not kept: docs/model.md).
+    min_neurons: int | None = None
     max_neurons: int = 64
     seq_tokens: int = 24
     dat_lr: float = 2e-3
@@ -62,8 +67,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.tokenizer_batch, self.dat_batch, self.max_neurons, self.seq_tokens) < 1:
-            raise ConfigError("batch sizes, max_neurons and seq_tokens must be >= 1")
+        smallest = self.max_neurons if self.min_neurons is None else self.min_neurons
+        if min(self.tokenizer_batch, self.dat_batch, smallest, self.seq_tokens) < 1:
+            raise ConfigError("batch sizes, min_neurons, max_neurons and seq_tokens must be >= 1")
+        if self.max_neurons < smallest:
+            raise ConfigError(
+                f"max_neurons ({self.max_neurons}) must be >= min_neurons ({self.min_neurons})"
+            )
         if self.tokenizer_steps < 0 or self.dat_steps < 0:
             raise ConfigError("step counts must be >= 0")
 
@@ -207,7 +217,11 @@ def _sample_dat_batch(
     k_sess = rng.choice(len(sessions), p=weights / weights.sum())
     s, tok, e = sessions[k_sess], tokens[k_sess], ends[k_sess]
     p, k, length = model_cfg.patch, model_cfg.dat.horizon_tokens, cfg.seq_tokens
-    n = min(s.n_neurons, cfg.max_neurons)
+    n_max = min(s.n_neurons, cfg.max_neurons)
+    n_min = n_max if cfg.min_neurons is None else min(cfg.min_neurons, n_max)
+    n = n_max  # one size draws nothing, so the shipped recipe's random stream is unchanged
+    if n_min < n_max:
+        n = int(round(np.exp(rng.uniform(np.log(n_min), np.log(n_max)))))
     neurons = np.sort(rng.choice(s.n_neurons, size=n, replace=False))
     last = e[rng.integers(0, e.size, size=cfg.dat_batch)]  # frame of the last target token
     frames = last[:, None] - p * np.arange(length + k - 1, -1, -1)[None, :]  # [B, L + k]
