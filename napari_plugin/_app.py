@@ -44,14 +44,18 @@ def run_live_demo(
     fps: float = 30.0,
     checkpoint: Path | None = None,
     device: str = "auto",
+    dtype: str = "float32",
 ) -> int:
     """Open napari on the embedded demo and block until its window is closed.
 
-    ``device``: where the demo server's model runs (``auto``, ``cpu`` or ``cuda``).
+    ``device``: where the demo server's model runs (``auto``, ``cpu`` or ``cuda``);
+    ``dtype``: its transformer precision (``calm-rt serve --dtype``).
     """
     import napari
 
-    view = open_live_demo(neurons=neurons, size=size, fps=fps, checkpoint=checkpoint, device=device)
+    view = open_live_demo(
+        neurons=neurons, size=size, fps=fps, checkpoint=checkpoint, device=device, dtype=dtype
+    )
     try:
         napari.run()
     finally:

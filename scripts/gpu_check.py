@@ -10,8 +10,11 @@ stop the others; the exit status is 1 if any failed):
 2. exactness on CUDA: the streaming engine on the GPU against the offline
    model on the CPU over 700 frames (tokens equal, forecasts within float32
    rounding, as tests/test_engine.py holds on the CPU);
-3. ``python -m bench --quick --device cuda``;
-4. an end-to-end run at 1,024 neurons (``python -m bench --cases e2e``);
+3. half precision: the engine in bfloat16 and float16 against float32 on the
+   GPU (shipped checkpoint, 256 neurons: tokens equal, forecasts within the
+   bounds tests/test_engine.py holds on the CPU), each one's step time;
+4. ``python -m bench --quick --device cuda``;
+5. an end-to-end run at 1,024 neurons (``python -m bench --cases e2e``);
 
 and writes the card, driver, torch, triton and every figure to ``--json``.
 """
@@ -132,6 +135,41 @@ def exactness(neurons: int = 24, frames: int = 700) -> dict[str, Any]:
     }
 
 
+# The forecast bounds of tests/test_engine.py::test_half_precision_stays_close_to_float32.
+HALF_BOUNDS = {"float16": 0.02, "bfloat16": 0.06}
+
+
+def half_precision(neurons: int = 256, frames: int = 300, device: str = "cuda") -> dict[str, Any]:
+    """The engine in bfloat16 and float16 against float32 on ``device`` (shipped checkpoint)."""
+    import numpy as np
+
+    from calm_rt.data import SimConfig, make_animal, simulate_session
+    from calm_rt.live.engine import EngineConfig, StreamingEngine
+    from calm_rt.model import load_checkpoint
+
+    model, _ = load_checkpoint(None)
+    cfg = SimConfig(neurons=neurons, frames=frames, seed=5)
+    traces = simulate_session(cfg, make_animal(cfg, 0), 0)[0].traces
+    runs: dict[str, list] = {}
+    out: dict[str, Any] = {"neurons": neurons, "frames": frames}
+    for dtype in ("float32", *HALF_BOUNDS):
+        engine = StreamingEngine(
+            model, EngineConfig(n_neurons=neurons, fps=30.0, device=device, dtype=dtype)
+        )
+        runs[dtype] = [engine.step(traces[:, t], seq=t) for t in range(frames)]
+        step_ms = [p.timings_ms["total"] for p in runs[dtype][100:]]
+        out[f"{dtype}_step_p50_ms"] = float(np.percentile(step_ms, 50))
+    ok = True
+    for dtype, bound in HALF_BOUNDS.items():
+        pairs = list(zip(runs[dtype], runs["float32"], strict=True))
+        diff = float(max(np.abs(a.forecast - b.forecast).max() for a, b in pairs))
+        tokens = all((a.tokens == b.tokens).all() for a, b in pairs)
+        out[f"{dtype}_forecast_max_abs_diff"], out[f"{dtype}_tokens_equal"] = diff, tokens
+        ok = ok and tokens and diff <= bound
+    out["ok"] = ok
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path("gpu-check.json"), help="where the JSON goes")
@@ -152,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         steps["exactness_cuda"] = exactness()
     except Exception as exc:  # recorded, and the other steps still run
         steps["exactness_cuda"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        steps["half_precision_cuda"] = half_precision()
+    except Exception as exc:
+        steps["half_precision_cuda"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     with tempfile.TemporaryDirectory() as tmp:
         quick, e2e = Path(tmp) / "quick.json", Path(tmp) / "e2e.json"
         steps["bench_quick"] = _run(

@@ -116,3 +116,23 @@ def test_replay_command_runs_the_engine_on_the_chosen_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "replayed 120 frames of 12 neurons on cpu" in proc.stdout
     assert read_npz(out).n_frames == 120
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_half_precision_on_the_cpu_is_refused_in_one_line(command, tmp_path):
+    # The engine can run float16 on the CPU (the tests do), but it is slower there than
+    # float32: a rig asking for it has made a mistake, and is told before anything binds.
+    from calm_rt.serve import ServiceConfig
+
+    with pytest.raises(ConfigError, match="--dtype float16 is for a GPU"):
+        ServiceConfig(device="cpu", dtype="float16")
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        ServiceConfig(device="cpu", dtype="half")
+    proc = subprocess.run(
+        [sys.executable, "-m", "calm_rt", command, "--device", "cpu", "--dtype", "bfloat16",
+         "--seconds", "1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bfloat16" in lines[0] and "float32" in lines[0], proc.stderr

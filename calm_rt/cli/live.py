@@ -14,7 +14,7 @@ from calm_rt.cli._registry import arguments, command
 SERVE_OPTION_DESTS = (
     "ingest", "ingest_mode", "publish", "control", "checkpoint", "fps", "kind", "horizon", "rois",
     "record", "triggers", "keys", "max_lag_ms", "data_dir", "threads", "device", "priority", "cpus",
-    "seconds", "compile",
+    "seconds", "compile", "dtype",
 )  # fmt: skip
 
 
@@ -63,6 +63,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "seconds; measured a few %% faster: docs/engine.md)",
     )  # fmt: skip
     _device_arg(p)
+    _dtype_arg(p)
     _priority_args(p)
     p.add_argument("--seconds", type=float, help="stop after this long (default: until stopped)")
     _exit_with_arg(p)
@@ -113,6 +114,14 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto",
         help="where the model runs: auto (a CUDA GPU when torch sees one, default), cpu or cuda",
+    )  # fmt: skip
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="the transformer's precision: float32 (default, exact against the offline model), "
+        "bfloat16 or float16 (a GPU's tensor cores; tokens stay exact: docs/gpu.md)",
     )  # fmt: skip
 
 
@@ -174,7 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         keys=CurveKeys.from_folder(opts["keys"]) if opts["keys"] else None,
         status_every_s=opts["status_every_s"], torch_threads=opts["threads"],
         data_dir=opts["data_dir"], device=opts["device"], priority=opts["priority"],
-        cpus=tuple(opts["cpus"]), compile=opts["compile"],
+        cpus=tuple(opts["cpus"]), compile=opts["compile"], dtype=opts["dtype"],
     )  # fmt: skip
     server = Server(config).start()
     stop = lambda signum, frame: server.request_stop(f"signal {signum}")  # noqa: E731
@@ -446,6 +455,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     _threads_arg(p)
     _device_arg(p)
+    _dtype_arg(p)
 
 
 @command(
@@ -460,6 +470,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from calm_rt.serve.demo import run_demo
 
     device = resolve_device(args.device)  # fails here, before rendering, without a GPU
+    if args.dtype != "float32" and device == "cpu":
+        raise ConfigError(
+            f"--dtype {args.dtype} needs a GPU (--device cuda); on the CPU use float32"
+        )
 
     if args.gui:
         if args.record is not None:
@@ -472,12 +486,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         return run_live_demo(
             neurons=args.neurons, size=args.size, fps=args.fps, checkpoint=args.checkpoint,
-            device=device,
+            device=device, dtype=args.dtype,
         )  # fmt: skip
     summary = run_demo(
         seconds=args.seconds, neurons=args.neurons, size=args.size, fps=args.fps,
         checkpoint=args.checkpoint, workdir=args.workdir, log=lambda m: print(m, flush=True),
-        threads=args.threads, device=device, record=args.record,
+        threads=args.threads, device=device, record=args.record, dtype=args.dtype,
     )  # fmt: skip
     summary.pop("latencies_ms", None)
     print(json.dumps(summary, indent=2))

@@ -37,6 +37,7 @@ Real-world policies (see docs/engine.md):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -59,9 +60,13 @@ from calm_rt.live.forecast_calibration import (
 from calm_rt.live.readout import DECODE_LAGS, RidgeReadout
 from calm_rt.model import CalM, KVCache
 
-__all__ = ["HISTORY", "Calibration", "EngineConfig", "Prediction", "StreamingEngine"]
+__all__ = ["DTYPES", "HISTORY", "Calibration", "EngineConfig", "Prediction", "StreamingEngine"]
 
 log = logging.getLogger(__name__)
+
+# What the transformer may run in (EngineConfig.dtype); the tokenizer and the heads' mixture
+# stay float32 (tokens must equal the offline model's: near-ties are resolved in float64).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 HISTORY = 48  # frames of normalised activity kept for the forecast calibration (its context)
 
@@ -98,8 +103,17 @@ class EngineConfig:
     # torch.compile (inductor, the machine's C++ compiler) the DAT step's layers, compiled
     # while the engine is built (seconds, once per model); CPU only (docs/engine.md).
     compile: bool = False
+    # The transformer's precision: float32 (exact against the offline model), or bfloat16 /
+    # float16 for a GPU's tensor cores (weights, KV cache and activations; forecasts differ
+    # from float32 by a bounded amount, tests/test_engine.py). On the CPU half precision is
+    # slower than float32: it is there for tests, and the service refuses it.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.compile and self.dtype != "float32":
+            raise ConfigError("compile runs the float32 step (the CPU's); drop compile or dtype")
         if self.n_neurons < 1:
             raise ConfigError(f"n_neurons must be >= 1, got {self.n_neurons}")
         if not (self.fps > 0 and math.isfinite(self.fps)):
@@ -127,6 +141,10 @@ class EngineConfig:
     @property
     def max_gap_frames(self) -> int:
         return int(round(self.max_gap_seconds * self.fps))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -190,6 +208,12 @@ class StreamingEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.model = _on_device(model, self.device).eval()
+        # The transformer that steps: the model's own in float32; in half precision a
+        # converted copy, so the offline model (and any other engine) keeps float32.
+        self.dtype = config.torch_dtype
+        self.dat = self.model.dat
+        if self.dtype != torch.float32:
+            self.dat = copy.deepcopy(self.model.dat).to(self.dtype)
         mc = model.config
         self.patch = mc.patch
         self.context = mc.dat.context_tokens
@@ -204,8 +228,9 @@ class StreamingEngine:
         self.preprocessor = CausalPreprocessor(n, config.fps, config.kind, config.preprocess)
         # One ring of C keys/values per layer and chain: [layers, P, N, heads, C, d].
         self.cache = KVCache(
-            dat.layers, self.patch, n, dat.heads, self.context, self.head_dim, self.device
-        )
+            dat.layers, self.patch, n, dat.heads, self.context, self.head_dim, self.device,
+            self.dtype,
+        )  # fmt: skip
         self.window = torch.zeros(n, self.patch, device=self.device, dtype=torch.float32)
         # The last HISTORY normalised frames (0 where missing): the forecast calibration's input.
         self.history = torch.zeros(n, HISTORY, dtype=torch.float32)
@@ -352,9 +377,10 @@ class StreamingEngine:
         tokens = self.model.tokenizer.tokenize_windows(self.window)  # [N]
         t2 = time.perf_counter()
 
-        hidden = self._dat_step(tokens)
+        hidden = self._dat_step(tokens)  # [N, W] in the engine's dtype
         t3 = time.perf_counter()
-        logits = self.model.dat.logits(hidden)  # [N, k, K]
+        logits = self.dat.logits(hidden).float()  # [N, k, K]
+        hidden = hidden.float()  # a no-op in float32
         mean, std = self.model.forecast_from_logits(logits, self.table)
         head = self._head_behavior(hidden) if self.readout is None else None
         calibrating = self.forecast_calibration is not None or self._forecast_recorder is not None
@@ -463,7 +489,7 @@ class StreamingEngine:
     def _dat_step(self, tokens: Tensor) -> Tensor:
         """Advance chain ``frame mod P`` by one token; returns hidden ``[N, W]``."""
         phase, position = self.frame % self.patch, self.frame // self.patch
-        return self.model.dat.step(tokens, position, self.cache, phase, self._step_layers)
+        return self.dat.step(tokens, position, self.cache, phase, self._step_layers)
 
     def _compile_step_layers(self) -> Callable[..., Tensor]:
         """``DAT.step_layers`` compiled, and every variant a session meets compiled now.
@@ -476,7 +502,7 @@ class StreamingEngine:
         one engine has compiled (the server's warm-up, before any frame), a
         session of any size (but 1) compiles nothing.
         """
-        dat, cfg = self.model.dat, self.model.config.dat
+        dat, cfg = self.dat, self.model.config.dat
         compiled = _compiled_step_layers(dat)
         # The cache's own layout (all P chains): the graphs are guarded on the views' base.
         scratch = KVCache(

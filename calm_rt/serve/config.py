@@ -9,6 +9,7 @@ from typing import Any
 
 from calm_rt.errors import ConfigError
 from calm_rt.live.device import resolve_device
+from calm_rt.live.engine import DTYPES
 from calm_rt.serve.priority import PRIORITIES, check_cpus
 from calm_rt.wire.security import CurveKeys, check_bind_policy
 
@@ -58,9 +59,19 @@ class ServiceConfig:
     cpus: tuple[int, ...] = ()  # CPU affinity of the service threads; (): any core
     # torch.compile the engine step in the start-up warm-up (EngineConfig.compile; CPU only).
     compile: bool = False
+    # The transformer's precision (EngineConfig.dtype): float32, or bfloat16 / float16 on a
+    # GPU (tensor cores; forecasts within a tested bound of float32's, tokens exact).
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", resolve_device(self.device))
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "float32" and self.device == "cpu":
+            raise ConfigError(
+                f"--dtype {self.dtype} is for a GPU's tensor cores; on the CPU half precision is "
+                "slower than float32 and no more exact: use --dtype float32 (or --device cuda)"
+            )
         if self.compile and self.device != "cpu":
             raise ConfigError(
                 f"compile is for the CPU, but the model runs on {self.device}: drop --compile "

@@ -105,6 +105,7 @@ class Demo:
         start_timeout_s: how long the server may take to load and warm up.
         device: where the server's model runs (``auto``, ``cpu`` or ``cuda``).
         priority: the server's scheduling priority (``calm-rt serve --priority``).
+        dtype: the server's transformer precision (``calm-rt serve --dtype``).
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class Demo:
         device: str = "auto",
         priority: str = "normal",
         record: Path | None = None,
+        dtype: str = "float32",
     ) -> None:
         self.neurons, self.size, self.frames, self.fps = neurons, size, frames, fps
         self.record = Path(record).resolve() if record is not None else None
@@ -136,7 +138,7 @@ class Demo:
         )
         self.server_threads, self.stream_frames = server_threads, stream_frames
         self.start_timeout_s = start_timeout_s
-        self.device, self.priority = device, priority
+        self.device, self.priority, self.dtype = device, priority, dtype
         if triggers is None:
             triggers = (
                 {"name": "A", "neurons": list(range(min(4, neurons))), "window_ms": 300,
@@ -240,6 +242,7 @@ class Demo:
         if self.server_threads:
             cmd += ["--threads", str(self.server_threads)]
         cmd += ["--device", self.device.split(":", 1)[0], "--priority", self.priority]
+        cmd += ["--dtype", self.dtype]
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--record", str(self.record)]
@@ -353,13 +356,15 @@ def run_demo(
     device: str = "auto",
     priority: str = "normal",
     record: Path | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run scope -> server -> rig on loopback for ``seconds``; return the summary.
 
     ``threads``: torch threads of the server (default: all cores but one);
     ``device``: where the server's model runs (``auto``, ``cpu`` or ``cuda``);
     ``priority``: the server's scheduling (``calm-rt serve --priority``);
-    ``record``: the server records the session there (``calm-rt serve --record``).
+    ``record``: the server records the session there (``calm-rt serve --record``);
+    ``dtype``: the server's transformer precision (``calm-rt serve --dtype``).
     Long runs loop a 20 s movie: rendering and holding hours of 512x512
     frames buys nothing here.
     """
@@ -367,7 +372,7 @@ def run_demo(
     demo = Demo(
         neurons=neurons, size=size, frames=min(frames, 600), fps=fps, checkpoint=checkpoint,
         calibrate_s=calibrate_s, server_threads=threads, stream_frames=frames, workdir=workdir,
-        device=device, priority=priority, record=record,
+        device=device, priority=priority, record=record, dtype=dtype,
     )  # fmt: skip
     log(f"rendering (or reusing) a simulated {size}x{size} movie of {neurons} neurons...")
     demo.start(stream=False)

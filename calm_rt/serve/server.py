@@ -232,6 +232,7 @@ class Server:
             "neurons": session.n_neurons if session is not None else None,
             "device": self.config.device,
             "compiled": session.engine.compiled if session is not None else None,
+            "dtype": self.config.dtype,
             "priority": self.config.priority,
             "segmenting": self.compute.setup.segmenting,
             "rois": session.rois_source if session is not None else self.compute.setup.rois_source,

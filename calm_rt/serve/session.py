@@ -100,6 +100,7 @@ class LiveSession:
                 horizon=config.horizon,
                 device=config.device,
                 compile=config.compile,
+                dtype=config.dtype,
             ),
         )
         triggers.bind(n_neurons)  # rules given before the session now meet its neurons
@@ -413,6 +414,7 @@ class SessionSetup:
             EngineConfig(
                 n_neurons=8, fps=self.config.fps, kind=self.config.kind,
                 device=self.config.device, compile=self.config.compile,
+                dtype=self.config.dtype,
             ),
         )  # fmt: skip
         rng = np.random.default_rng(0)
