@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from scipy.optimize import curve_fit
 
 from calm_rt.data import (
     INDICATORS,
+    LATENT_FAMILIES,
     SimConfig,
     load_corpus,
     make_animal,
@@ -17,6 +19,7 @@ from calm_rt.data import (
     render_movie,
     simulate_corpus,
     simulate_session,
+    varied_config,
 )
 from calm_rt.errors import ConfigError
 
@@ -41,9 +44,13 @@ def test_deterministic_for_a_seed():
     assert not np.array_equal(a.traces, c.traces)
 
 
-def test_population_structure_beats_time_shuffled(long_session):
-    _, session, _ = long_session
-    z = preprocess_traces(session.traces, session.fps, "F", session.neuropil)[:, 600:]
+def _structure_over_shuffled(session, skip: int) -> float:
+    """Top-5 PC variance share of the activity over that of each neuron circularly shifted.
+
+    Circular shifts keep each neuron's own autocorrelation but break the
+    coordination across neurons: a strict control.
+    """
+    z = preprocess_traces(session.traces, session.fps, "F", session.neuropil)[:, skip:]
     z = z - z.mean(axis=1, keepdims=True)
 
     def top5(x: np.ndarray) -> float:
@@ -51,10 +58,47 @@ def test_population_structure_beats_time_shuffled(long_session):
         return float(ev[:5].sum() / ev.sum())
 
     rng = np.random.default_rng(0)
-    # Circular shifts keep each neuron's own autocorrelation but break the
-    # coordination across neurons: a strict control.
-    shuffled = np.stack([np.roll(row, rng.integers(500, z.shape[1] - 500)) for row in z])
-    assert top5(z) > 1.5 * top5(shuffled)
+    shift = z.shape[1] // 6
+    shuffled = np.stack([np.roll(row, rng.integers(shift, z.shape[1] - shift)) for row in z])
+    return top5(z) / top5(shuffled)
+
+
+def test_population_structure_beats_time_shuffled(long_session):
+    _, session, _ = long_session
+    assert _structure_over_shuffled(session, 600) > 1.5
+
+
+@pytest.mark.parametrize("family", LATENT_FAMILIES)
+def test_every_latent_family_coordinates_the_population(family):
+    # At a light-sheet rate (3 Hz) and a two-photon one (30 Hz), with a fast indicator.
+    for fps in (3.0, 30.0):
+        config = SimConfig(
+            neurons=60, frames=3000, fps=fps, latent_family=family, indicator="GCaMP6f", seed=8
+        )
+        session, truth = simulate_session(config, make_animal(config, 0), 0)
+        assert truth.latents.shape == (3000, config.latent_dim)
+        assert np.isfinite(truth.latents).all() and truth.latents.std(axis=0).min() > 0
+        ratio = _structure_over_shuffled(session, int(60 * fps) // 2)
+        assert ratio > 1.5, (family, fps, ratio)
+
+
+def test_a_varied_corpus_gives_every_animal_its_own_recording_conditions(tmp_path):
+    base = SimConfig(animals=16, sessions=1, neurons=400, frames=200, seed=21, varied=True)
+    configs = [varied_config(base, a) for a in range(16)]
+    assert configs[3] == varied_config(base, 3)  # deterministic for (seed, animal)
+    assert all(1.0 <= c.fps <= 30.0 and 50 <= c.neurons <= 400 for c in configs)
+    assert len({c.fps for c in configs}) == 16 and len({c.latent_family for c in configs}) >= 3
+    assert len({c.indicator for c in configs}) >= 2 and not any(c.varied for c in configs)
+    assert varied_config(replace(base, varied=False), 3) == replace(base, varied=False)
+    simulate_corpus(replace(base, animals=3), tmp_path)
+    for entry, c in zip(
+        json.loads((tmp_path / "simulation.json").read_text())["sessions"], configs
+    ):
+        assert (entry["fps"], entry["neurons"], entry["latent_family"]) == (
+            c.fps, c.neurons, c.latent_family,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="latent_family"):
+        SimConfig(latent_family="lorenz")
 
 
 def test_behaviour_is_decodable_from_latents(long_session):

@@ -23,6 +23,14 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         default="mixed",
         help="GCaMP6s, GCaMP6f, GCaMP8m, or mixed (cycle over animals; default)",
     )
+    p.add_argument(
+        "--varied",
+        action="store_true",
+        help="each animal draws its own frame rate (1-30 Hz), neuron count (50 to --neurons), "
+        "indicator, latent dynamics (rnn, oscillator, switching, assemblies), time constants, "
+        "firing rates, photons and neuropil (--fps and --indicator are then ignored): a "
+        "pretraining corpus that transfers",
+    )
     p.add_argument("--movie", action="store_true", help="also render uint16 TIFF movies")
     p.add_argument("--movie-size", type=int, default=256, help="movie width = height in px")
     p.add_argument("--motion-px", type=float, default=1.5, help="s.d. of rigid motion in px")
@@ -49,6 +57,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         movie_size=args.movie_size,
         motion_px=args.motion_px,
         seed=args.seed,
+        varied=args.varied,
     )
     total = config.animals * config.sessions
     done = 0

@@ -39,6 +39,7 @@ from calm_rt.data._session import (
 from calm_rt.data._simulate import (
     BEHAVIOR_NAMES,
     INDICATORS,
+    LATENT_FAMILIES,
     NEURON_TYPES,
     AnimalModel,
     Indicator,
@@ -46,12 +47,14 @@ from calm_rt.data._simulate import (
     SimConfig,
     make_animal,
     simulate_session,
+    varied_config,
 )
 from calm_rt.data.splits import TEST, TRAIN, VAL, PreparedSession, Protocol, prepare_session
 
 __all__ = [
     "BEHAVIOR_NAMES",
     "INDICATORS",
+    "LATENT_FAMILIES",
     "NEURON_TYPES",
     "NWB_EXPORT_MODULE",
     "NWB_EXPORT_NEUROPIL",
@@ -95,5 +98,6 @@ __all__ = [
     "simulate_session",
     "traces_from_masks",
     "validate_session",
+    "varied_config",
     "write_npz",
 ]

@@ -17,6 +17,7 @@ from calm_rt.data._simulate import (
     SimConfig,
     make_animal,
     simulate_session,
+    varied_config,
 )
 
 __all__ = ["simulate_corpus"]
@@ -96,9 +97,10 @@ def simulate_corpus(
     manifest = CorpusManifest(config=asdict(config))
     paths: list[Path] = []
     for a in range(config.animals):
-        animal = make_animal(config, a)
+        own = varied_config(config, a)  # config itself unless config.varied
+        animal = make_animal(own, a)
         for s in range(config.sessions):
-            session, truth = simulate_session(config, animal, s)
+            session, truth = simulate_session(own, animal, s)
             path = write_npz(out / f"{session.session_id}.npz", session)
             _write_truth(out / "truth" / f"{session.session_id}.truth.npz", truth)
             entry = {
@@ -109,20 +111,21 @@ def simulate_corpus(
                 "frames": session.n_frames,
                 "fps": session.fps,
                 "indicator": asdict(truth.indicator),
+                "latent_family": own.latent_family,
                 "neuron_types": {k: truth.neuron_types.count(k) for k in NEURON_TYPES},
                 "mean_rate_hz": float(truth.rates_hz.mean()),
                 "stimulus_presentations": int(truth.stimulus_onsets.size),
             }
             if config.movie:
                 (out / "movies").mkdir(exist_ok=True)
-                frames_iter, mtruth = render_movie(session, truth, config, seed_key=a * 1000 + s)
+                frames_iter, mtruth = render_movie(session, truth, own, seed_key=a * 1000 + s)
                 movie_path = out / "movies" / f"{session.session_id}.tif"
                 _write_movie(
                     movie_path,
                     out / "movies" / f"{session.session_id}.truth.npz",
                     frames_iter,
                     mtruth,
-                    config.fps,
+                    own.fps,
                 )
                 entry["movie"] = str(movie_path.relative_to(out))
             manifest.sessions.append(entry)

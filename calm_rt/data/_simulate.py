@@ -3,8 +3,10 @@
 The model, the extraction and the benchmarks are measured against it, so it
 follows the biophysics rather than being convenient:
 
-* **Animals.** Each animal has a low-dimensional nonlinear latent dynamical
-  system (a small random rate RNN) driven by its behaviour. Sessions of one
+* **Animals.** Each animal has a low-dimensional latent dynamical system
+  driven by its behaviour: a small random rate RNN by default, or damped
+  oscillators, switching population states or sparse assembly bursts
+  (:mod:`calm_rt.data._latents`). Sessions of one
   animal share that system and sample different, overlapping subsets of the
   animal's neurons (chronic imaging of one field, re-found cells).
 * **Behaviour.** Locomotion bouts (running speed, two-state Markov bouts),
@@ -21,6 +23,11 @@ follows the biophysics rather than being convenient:
   with a smooth background and neuropil, rigid motion jitter, shot and read
   noise, as uint16 frames - with footprints, shifts and true traces saved.
 
+``SimConfig(varied=True)`` gives every animal its own frame rate (1-30 Hz),
+neuron count, indicator, latent family, time constants, firing rates, photon
+budget and neuropil (:func:`varied_config`): the pretraining corpus of a model
+that must transfer to recordings nobody here has seen.
+
 Everything is deterministic for a seed: each animal, session and component
 draws from its own child of one ``numpy.random.SeedSequence``.
 """
@@ -28,17 +35,19 @@ draws from its own child of one ``numpy.random.SeedSequence``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import signal
 
+from calm_rt.data._latents import LATENT_FAMILIES, simulate_latents
 from calm_rt.data._session import Session, validate_session
 from calm_rt.errors import ConfigError
 
 __all__ = [
     "BEHAVIOR_NAMES",
     "INDICATORS",
+    "LATENT_FAMILIES",
     "NEURON_TYPES",
     "AnimalModel",
     "Indicator",
@@ -46,6 +55,7 @@ __all__ = [
     "SimConfig",
     "make_animal",
     "simulate_session",
+    "varied_config",
 ]
 
 BEHAVIOR_NAMES = ("running_speed", "pupil", "stimulus")
@@ -94,6 +104,8 @@ class SimConfig:
     latent_tau_s: float = 0.8
     latent_gain: float = 1.4
     latent_noise: float = 0.4
+    latent_family: str = "rnn"  # one of LATENT_FAMILIES
+    mean_rate_hz: float = 1.5  # median base firing rate of the animal's cells
     pool_factor: float = 1.5  # each animal has pool_factor * neurons cells
     baseline_photons: float = 400.0
     read_noise_photons: float = 4.0
@@ -102,6 +114,9 @@ class SimConfig:
     movie_size: int = 256
     motion_px: float = 1.5
     seed: int = 0
+    # Each animal draws its own rate, neurons (up to ``neurons``), indicator, latent
+    # family, time constants, firing rates, photons and neuropil (varied_config).
+    varied: bool = False
 
     def __post_init__(self) -> None:
         for name in ("animals", "sessions", "neurons", "frames", "latent_dim"):
@@ -114,6 +129,10 @@ class SimConfig:
         if self.indicator != "mixed" and self.indicator not in INDICATORS:
             raise ConfigError(
                 f"indicator must be 'mixed' or one of {sorted(INDICATORS)}, got {self.indicator!r}"
+            )
+        if self.latent_family not in LATENT_FAMILIES:
+            raise ConfigError(
+                f"latent_family must be one of {LATENT_FAMILIES}, got {self.latent_family!r}"
             )
         if self.pool_factor < 1.0:
             raise ConfigError(f"pool_factor must be >= 1, got {self.pool_factor}")
@@ -129,6 +148,40 @@ class SimConfig:
 def _rng(seed: int, *key: int) -> np.random.Generator:
     """An independent generator for one (animal, session, component) key."""
     return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def varied_config(config: SimConfig, index: int) -> SimConfig:
+    """Animal ``index``'s own configuration in a varied corpus (``config.varied``).
+
+    Ranges cover what two-photon and light-sheet labs record: 1-30 Hz,
+    50 to ``config.neurons`` cells (log-uniform), GCaMP6s/6f/8m, every latent
+    family, latent time constants of 0.3-3 s, median firing rates of
+    0.3-5 Hz, 100-2,000 photons per frame at baseline, neuropil at 0.2-0.8
+    of the cell's brightness. Deterministic for (seed, index).
+    """
+    if not config.varied:
+        return config
+    rng = _rng(config.seed, index, 0, 99)
+    low = min(50, config.neurons)
+    return replace(
+        config,
+        varied=False,
+        fps=round(_log_uniform(rng, 1.0, 30.0), 2),
+        neurons=int(round(_log_uniform(rng, low, config.neurons))),
+        indicator=str(rng.choice(sorted(INDICATORS))),
+        latent_family=str(rng.choice(LATENT_FAMILIES)),
+        latent_dim=int(rng.integers(4, 13)),
+        latent_tau_s=_log_uniform(rng, 0.3, 3.0),
+        latent_gain=float(rng.uniform(1.0, 1.8)),
+        latent_noise=float(rng.uniform(0.2, 0.8)),
+        mean_rate_hz=_log_uniform(rng, 0.3, 5.0),
+        baseline_photons=_log_uniform(rng, 100.0, 2000.0),
+        neuropil_level=float(rng.uniform(0.2, 0.8)),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +242,7 @@ def make_animal(config: SimConfig, index: int) -> AnimalModel:
         neuron_types=types,
         mix=mix,
         latent_readout=readout,
-        base_rate_hz=np.exp(rng.normal(math.log(1.5), 0.6, size=pool)),
+        base_rate_hz=np.exp(rng.normal(math.log(config.mean_rate_hz), 0.6, size=pool)),
         rate_gain=rng.uniform(0.9, 1.6, size=pool),
         baseline_photons=config.baseline_photons * np.exp(rng.normal(0.0, 0.35, size=pool)),
         neuropil_coef=rng.uniform(0.6, 0.8, size=pool),
@@ -240,18 +293,11 @@ def _standardize(x: np.ndarray, axis: int = 0) -> np.ndarray:
 def _simulate_latents(
     rng: np.random.Generator, animal: AnimalModel, behavior_z: np.ndarray, config: SimConfig
 ) -> np.ndarray:
-    """``[T, D]`` latent trajectory of the animal's RNN driven by behaviour."""
-    frames = behavior_z.shape[0]
-    dt = 1.0 / config.fps
-    k = dt / config.latent_tau_s
-    noise = rng.normal(0.0, config.latent_noise * math.sqrt(dt), size=(frames, config.latent_dim))
-    drive = behavior_z @ animal.input_weights.T + animal.latent_bias
-    x = np.zeros(config.latent_dim)
-    out = np.empty((frames, config.latent_dim))
-    for t in range(frames):
-        x = x + k * (-x + np.tanh(animal.recurrent @ x + drive[t])) + noise[t]
-        out[t] = x
-    return out.astype(np.float32)
+    """``[T, D]`` latent trajectory of the animal's system driven by behaviour."""
+    return simulate_latents(
+        rng, animal, behavior_z, config.latent_family, config.fps, config.latent_tau_s,
+        config.latent_noise,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
