@@ -17,7 +17,11 @@ from calm_rt.data import (
 from calm_rt.errors import ConfigError, DataError
 from calm_rt.live import forecast_calibration
 from calm_rt.live.engine import HISTORY, EngineConfig, StreamingEngine
-from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
+from calm_rt.live.forecast_calibration import (
+    ForecastCalibration,
+    HiddenProjection,
+    calm_forecast_features,
+)
 from calm_rt.model import PRESETS, CalM
 from calm_rt.offline.replay import replay_session
 
@@ -187,14 +191,29 @@ def test_online_calibration_fits_a_readout(model, session):
 def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(
     model, session, head, monkeypatch
 ):
-    """Calibrating forecasts live (no behaviour named) is the offline fit on those frames, exactly.
+    """Calibrating forecasts live (no behaviour named) is the offline fit on those frames.
 
-    With the continuous head: 12 s of 24 neurons are fewer samples than the
-    head's data rule asks for, so the rule is lifted here to put the head
-    (its training, blend weight and per-frame MLP) under the same check.
+    The live fit's inputs (activity, CalM's forecasts and s.d., hidden-state
+    PCs) are the offline model's on the same frames, to float rounding. The
+    ridge alone then fits to the same calibration as offline. The continuous
+    head is trained with Adam, which turns rounding-level differences of its
+    inputs into different (equally good) weights, so with the head the test
+    proves the two halves apart: the inputs equal offline, and the offline
+    fit of those very inputs is the live calibration, exactly. 12 s of 24
+    neurons are fewer samples than the head's data rule asks for, so the rule
+    is lifted here to put the head (training, blend weight, per-frame MLP)
+    under the check.
     """
     if head:
         monkeypatch.setattr(forecast_calibration, "MIN_SAMPLES_PER_WEIGHT", 0)
+    live_inputs: list[tuple] = []
+    fit = ForecastCalibration.fit.__func__
+
+    def spy(cls, *args, **kwargs):
+        live_inputs.append((args, kwargs))
+        return fit(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ForecastCalibration, "fit", classmethod(spy))
     config = EngineConfig(
         n_neurons=24, fps=30.0, background_calibration=False, calibration_head_steps=300
     )
@@ -208,11 +227,20 @@ def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(
     z, off = _offline(model, session.traces, session.neuropil)
     h = engine.horizon
     projection = HiddenProjection.fit(off.hidden[:, :90])  # the first quarter of the calibration
-    mean, std = off.forecast[:, :360, :h], off.forecast_std[:, :360, :h]
-    fitted = ForecastCalibration.fit(
-        z[:, :360], mean, std, projection(off.hidden[:, :360]).float(), projection,
-        np.arange(HISTORY - 1, 360 - h), context=HISTORY, head_steps=300,
+    # The calibration reads CalM's continuous forecast and its token forecast beside it.
+    features = calm_forecast_features(off.forecast, off.token_forecast, h)
+    offline_inputs = (
+        z[:, :360], features[:, :360], off.forecast_std[:, :360, :h],
+        projection(off.hidden[:, :360]).float(), projection, np.arange(HISTORY - 1, 360 - h),
     )  # fmt: skip
+    ((args, _kwargs),) = live_inputs
+    for got_input, want_input in zip(args[:3], offline_inputs[:3], strict=True):
+        np.testing.assert_allclose(np.asarray(got_input), np.asarray(want_input), atol=2e-5)
+    # Hidden-state PCs: each axis's sign is arbitrary (an SVD's), the ridge indifferent to it.
+    np.testing.assert_allclose(args[3].abs(), offline_inputs[3].abs(), atol=2e-4)
+    np.testing.assert_array_equal(args[5], offline_inputs[5])
+    refit_from = args if head else offline_inputs  # see the docstring
+    fitted = fit(ForecastCalibration, *refit_from, context=HISTORY, head_steps=300)
     assert fitted.cv_gain == pytest.approx(cal.forecast_gain, abs=1e-4)
     live = engine.forecast_calibration
     assert (live.head is not None) == head and live.head_weight == fitted.head_weight
@@ -221,7 +249,7 @@ def test_live_forecast_calibration_equals_the_offline_fit_on_the_same_frames(
     ends = np.arange(400, 700, 25)
     ctx = torch.from_numpy(np.stack([z[:, e - HISTORY + 1 : e + 1] for e in ends]))
     want, want_sd = fitted.predict(
-        ctx, off.forecast[:, ends, :h].transpose(0, 1), off.forecast_std[:, ends, :h].transpose(0, 1),
+        ctx, features[:, ends].transpose(0, 1), off.forecast_std[:, ends, :h].transpose(0, 1),
         off.hidden[:, ends].transpose(0, 1),
     )  # fmt: skip
     got = np.stack([preds[e].forecast for e in ends])

@@ -209,17 +209,12 @@ def test_engine_steps_on_fake_cuda(mode, behavior):
 
 
 def test_offline_forward_on_fake_cuda(mode):
-    """The offline forward (tokenizer, then the dual-axis transformer over whole chains)."""
+    """The offline forward: tokenizer, the dual-axis transformer over whole chains, both heads."""
     model = fake_cuda_model(mode, behavior=False)
     with mode, torch.no_grad():
-        z = torch.empty(8, 48, device="cuda")
-        tokens = model.tokenize(z)
-        _on_cuda(tokens, "tokens")
-        chain = tokens[:, :: model.config.patch]
-        hidden, logits = model.dat(chain[None])
-        _on_cuda(hidden, "hidden")
-        mean, _std = model.forecast_from_logits(logits[0])
-        _on_cuda(mean, "the forecast")
+        out = model.run_offline(torch.empty(8, 60, device="cuda"))
+        for name in ("tokens", "hidden", "forecast", "forecast_std", "token_forecast"):
+            _on_cuda(getattr(out, name), name)
 
 
 def test_live_session_loop_on_fake_cuda(mode, monkeypatch):

@@ -61,6 +61,28 @@ def test_neural_attention_mixes_neurons(model):
     assert not torch.allclose(a.forecast[0], b.forecast[0])  # neuron 0 sees neuron 5
 
 
+def test_the_raw_window_enters_beside_the_tokens(model):
+    """The continuous path: a change too small to move any token still reaches the model."""
+    z = _z()
+    g = z.clone()
+    g[3, 90:] += 1e-3
+    a, b = model.run_offline(z), model.run_offline(g)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.allclose(a.hidden[3, 90:], b.hidden[3, 90:], atol=0, rtol=0)
+    torch.testing.assert_close(a.hidden[:, :90], b.hidden[:, :90], atol=0, rtol=0)
+
+
+def test_the_continuous_forecast_is_published_and_the_token_forecast_kept(model):
+    out = model.run_offline(_z())
+    # Two forecasts per frame: the continuous head's (published) and the tokens' beside it.
+    assert out.token_forecast.shape == out.forecast.shape
+    assert not torch.allclose(out.token_forecast, out.forecast)
+    tokens_only = CalM(PRESETS["small-tokens"]).eval()
+    assert tokens_only.forecast_head is None and tokens_only.dat.value_in is None
+    plain = tokens_only.run_offline(_z())
+    assert torch.equal(plain.forecast, plain.token_forecast)
+
+
 def test_any_number_of_neurons(model):
     for n in (1, 7, 33):
         assert model.run_offline(_z(n=n, t=40)).forecast.shape[0] == n

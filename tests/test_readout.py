@@ -78,3 +78,18 @@ def test_unlabelled_frames_are_skipped_and_too_few_are_refused():
     assert report["frames"] == int(np.isfinite(y).all(1).sum()) and min(report["r2"]) > 0.8
     with pytest.raises(Exception, match="at least 10 labelled frames"):
         RidgeReadout().fit(x[:9], y[:9])
+
+
+def test_features_are_each_neurons_forecast_and_lags_then_the_population_state():
+    rng = np.random.default_rng(4)
+    forecast = torch.from_numpy(rng.standard_normal((5, 16)))  # [N, H]
+    lagged = torch.from_numpy(rng.standard_normal((5, 6)))  # [N, L]
+    hidden = torch.from_numpy(rng.standard_normal((5, 8)))  # [N, W]
+    x = RidgeReadout().features(forecast, lagged, hidden)
+    assert x.shape == (5 * (4 + 6) + 8,)
+    np.testing.assert_array_equal(x[:4].numpy(), forecast[0, [0, 3, 7, 15]].numpy())
+    np.testing.assert_array_equal(x[4:10].numpy(), lagged[0].numpy())
+    np.testing.assert_allclose(x[-8:].numpy(), hidden.mean(0).numpy())
+    # The engine may hand over the mean alone ([1, W]): the same features.
+    pooled = RidgeReadout().features(forecast, lagged, hidden.mean(0, keepdim=True))
+    np.testing.assert_allclose(pooled.numpy(), x.numpy())

@@ -46,6 +46,9 @@ def test_pretraining_lowers_both_losses(sessions, tmp_path):
     assert dat[-1] < dat[0]
     # The next-token loss beats a uniform guess over the codebook by a margin.
     assert dat[-1] < 0.9 * torch.log(torch.tensor(64.0)).item()
+    # The continuous head learns to forecast: better than copying the last frame.
+    score = [h["forecast_score"] for h in hist if h["stage"] == "dat"]
+    assert score[-1] > score[0] and score[-1] > 0.0, score
     _, meta = load_checkpoint(tmp_path / "run")
     assert meta["pretraining"]["tokenizer_final"]["codes_used"] > 0.3
 
@@ -125,8 +128,7 @@ def test_dat_batches_draw_neuron_subsets_of_many_sizes(sessions):
 
     cfg = TrainConfig(dat_batch=2, min_neurons=4, max_neurons=24, seq_tokens=8)
     model_cfg = PRESETS["tiny"]
-    span = model_cfg.patch * (cfg.seq_tokens + model_cfg.dat.horizon_tokens)
-    ends = [train._train_window_ends(s, span) for s in sessions]
+    ends = [train._train_window_ends(s, train._dat_span(cfg, model_cfg)) for s in sessions]
     tokens = [np.zeros((s.n_neurons, s.z.shape[1]), np.int64) for s in sessions]
     rng = np.random.default_rng(0)
     sizes = [
@@ -185,3 +187,35 @@ def test_a_mixed_in_recording_trains_only_on_the_blocks_eval_trains_on(shared_da
     assert used.size and (evaluated.labels[used] == TRAIN).all()
     with pytest.raises(ConfigError, match="BLOCK_FRAMES an integer"):
         _prepare_recordings([[str(path), "5.8", "three hundred"]], args)
+
+
+def test_dat_batches_carry_each_tokens_raw_frames(sessions):
+    """The continuous path's inputs: each token's window, its context and the frames after it."""
+    import numpy as np
+
+    import calm_rt.offline.train as train
+    from calm_rt.model import PRESETS
+
+    model_cfg = PRESETS["tiny"]
+    p, c, h = model_cfg.patch, model_cfg.context_frames, model_cfg.horizon_frames
+    cfg = TrainConfig(min_neurons=2, max_neurons=12, sequence_budget=24, seq_tokens=6)
+    ends = [train._train_window_ends(s, train._dat_span(cfg, model_cfg)) for s in sessions]
+    # Token ids that name their session, neuron and frame, so a batch says what it drew.
+    ids = [
+        k * 10**7 + np.arange(s.n_neurons)[:, None] * 10**4 + np.arange(s.z.shape[1])[None, :]
+        for k, s in enumerate(sessions)
+    ]
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        batch = train._sample_dat_batch(sessions, ids, ends, rng, cfg, model_cfg)
+        b, n, _ = batch.inputs.shape
+        assert b * n <= 24 and b * n > 24 - n  # the budget, in whole windows
+        for w, j in [(0, 0), (b - 1, n - 1)]:
+            code = batch.inputs[w, j]  # [L]
+            k, i = int(code[0]) // 10**7, int(code[0]) // 10**4 % 1000
+            z = np.nan_to_num(sessions[k].z[i])
+            assert (batch.targets[w, j, :, 0] == code + p).all()  # the next token: P frames on
+            for pos, f in enumerate((code % 10**4).tolist()):
+                np.testing.assert_array_equal(batch.context[w, j, pos], z[f - c + 1 : f + 1])
+                np.testing.assert_array_equal(batch.values[w, j, pos], z[f - p + 1 : f + 1])
+                np.testing.assert_array_equal(batch.future[w, j, pos], z[f + 1 : f + h + 1])

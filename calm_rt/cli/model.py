@@ -74,7 +74,11 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="checkpoint folder (resumed if it exists)"
     )
-    p.add_argument("--preset", default="small", help="model shape: small (default) or tiny")
+    p.add_argument(
+        "--preset",
+        default="small",
+        help="model shape: small (default), tiny, or small-tokens (no continuous path: ablation)",
+    )
     p.add_argument(
         "--tokenizer-steps", type=int, default=None, help="tokenizer steps (default 2000)"
     )
@@ -87,6 +91,14 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
         metavar=("MIN", "MAX"),
         help="each transformer batch attends over a random neuron subset of a log-uniform size "
         "in [MIN, MAX] (default: 64 each time, the shipped recipe)",
+    )
+    p.add_argument(
+        "--sequence-budget",
+        type=int,
+        default=None,
+        metavar="S",
+        help="with --subset-neurons: windows x neurons per transformer batch stay near S, so a "
+        "batch of S neurons is one window (default: 8 windows whatever the size)",
     )
     p.add_argument(
         "--holdout-animals", type=int, default=0, help="keep the last A animals out of training"
@@ -176,6 +188,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         changes["dat_steps"] = args.dat_steps
     if args.subset_neurons is not None:
         changes["min_neurons"], changes["max_neurons"] = args.subset_neurons
+    if args.sequence_budget is not None:
+        changes["sequence_budget"] = args.sequence_budget
     train_cfg = replace(TrainConfig(), **changes)
     prepared = _prepare(args.data, args)
     train, summary = _split_holdout(prepared, args.holdout_animals, args.holdout_sessions)

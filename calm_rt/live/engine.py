@@ -9,10 +9,11 @@ constant memory per frame, and the same outputs as
     chain phi = t mod P advances one position: for each layer, the new key
     and value go into that chain's ring KV cache (C slots); the query attends
     over the cache (temporal), then across all N neurons (neural), then MLP
-    --> hidden [N, W] --> heads --> forecast [N, H] +- s.d., behaviour [B]
+    --> hidden [N, W] --> continuous head (the last 48 z, FiLM by hidden) and
+    token heads --> forecast [N, H] +- s.d., behaviour [B]
     with a forecast calibration installed (offline-fitted, or fitted live by
     ``start_calibration``): forecast, s.d. = ForecastCalibration(history of
-    the last 48 z, token forecast, hidden) -- the same object ``eval`` scores
+    the last 48 z, CalM's forecasts, hidden) -- the same object ``eval`` scores
 
 All incremental state lives in buffers allocated by ``__init__``. The P
 chains' caches hold the last C tokens each, so memory is flat over hours.
@@ -56,6 +57,7 @@ from calm_rt.errors import ConfigError, DataError
 from calm_rt.live.forecast_calibration import (
     CalibrationRecorder,
     ForecastCalibration,
+    calm_forecast_features,
 )
 from calm_rt.live.readout import DECODE_LAGS, RidgeReadout
 from calm_rt.model import CalM, KVCache
@@ -68,7 +70,9 @@ log = logging.getLogger(__name__)
 # stay float32 (tokens must equal the offline model's: near-ties are resolved in float64).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-HISTORY = 48  # frames of normalised activity kept for the forecast calibration (its context)
+# Frames of normalised activity kept: the continuous head's context and the forecast
+# calibration's (a model may read fewer).
+HISTORY = 48
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
@@ -223,6 +227,11 @@ class StreamingEngine:
                 f"horizon must be in [1, {mc.horizon_frames}] frames, got {config.horizon}"
             )
         n, dat = config.n_neurons, mc.dat
+        if model.forecast_head is not None and mc.context_frames > HISTORY:
+            raise ConfigError(
+                f"the model's continuous head reads {mc.context_frames} frames; the engine keeps "
+                f"{HISTORY}"
+            )
         self.n = n
         self.heads, self.head_dim = dat.heads, dat.width // dat.heads
         self.preprocessor = CausalPreprocessor(n, config.fps, config.kind, config.preprocess)
@@ -232,8 +241,13 @@ class StreamingEngine:
             self.dtype,
         )  # fmt: skip
         self.window = torch.zeros(n, self.patch, device=self.device, dtype=torch.float32)
-        # The last HISTORY normalised frames (0 where missing): the forecast calibration's input.
+        # The last HISTORY normalised frames (0 where missing), on the host for the forecast
+        # calibration and on the device for the continuous head (the same tensor on a CPU).
         self.history = torch.zeros(n, HISTORY, dtype=torch.float32)
+        self.recent = self.history
+        if self.device.type != "cpu":
+            self.recent = torch.zeros(n, HISTORY, device=self.device, dtype=torch.float32)
+        self._head_context = mc.context_frames
         self.forecast_calibration: ForecastCalibration | None = None
         self._forecast_recorder: CalibrationRecorder | None = None
         self._fit_thread: threading.Thread | None = None
@@ -266,6 +280,7 @@ class StreamingEngine:
         self.cache.reset()
         self.window.zero_()
         self.history.zero_()
+        self.recent.zero_()
         self.frame = 0
 
     @property
@@ -370,10 +385,16 @@ class StreamingEngine:
 
         # Tokenizer: the window of the last P frames ending now.
         z_now = torch.from_numpy(z_model)
+        z_device = self._to_device(z_model)
         self.window = torch.roll(self.window, -1, dims=1)
-        self.window[:, -1] = self._to_device(z_model)
+        self.window[:, -1] = z_device
         self.history = torch.roll(self.history, -1, dims=1)
         self.history[:, -1] = z_now
+        if self.device.type == "cpu":
+            self.recent = self.history
+        else:
+            self.recent = torch.roll(self.recent, -1, dims=1)
+            self.recent[:, -1] = z_device
         tokens = self.model.tokenizer.tokenize_windows(self.window)  # [N]
         t2 = time.perf_counter()
 
@@ -381,27 +402,39 @@ class StreamingEngine:
         t3 = time.perf_counter()
         logits = self.dat.logits(hidden).float()  # [N, k, K]
         hidden = hidden.float()  # a no-op in float32
-        mean, std = self.model.forecast_from_logits(logits, self.table)
+        mean, std, token_mean, _ = self.model.forecast(
+            self.recent[:, -self._head_context :], hidden, logits, self.table
+        )
         head = self._head_behavior(hidden) if self.readout is None else None
         calibrating = self.forecast_calibration is not None or self._forecast_recorder is not None
+        with_tokens = calibrating and self.model.forecast_head is not None
+        reading = self._reading_behavior(behavior)
         outputs = [
             mean,
             std,
             tokens,
             *([hidden] if calibrating else []),
+            *([token_mean] if with_tokens else []),
+            *([hidden.mean(0, keepdim=True)] if reading and not calibrating else []),
             *([head] if head is not None else []),
         ]
         # The one host sync of a frame: every output comes back in one copy.
         mean_host, std_host, tokens_host, *rest = self._to_host(outputs)  # [N, H_model] each
         hidden_host = torch.from_numpy(rest.pop(0)) if calibrating else None
-        behavior_pred = self._readout_behavior(mean_host, behavior)
+        token_host = torch.from_numpy(rest.pop(0)) if with_tokens else None
+        pooled = None  # [1, W] or [N, W]: the readout takes the hidden states' mean over neurons
+        if reading:
+            pooled = hidden_host if calibrating else torch.from_numpy(rest.pop(0))
+        behavior_pred = self._readout_behavior(mean_host, pooled, behavior)
         if behavior_pred is None and head is not None:
             behavior_pred = rest[0]
         if self._forecast_recorder is not None:
             self._forecast_recorder.add(
-                self.history[:, -1], torch.from_numpy(mean_host), torch.from_numpy(std_host),
+                self.history[:, -1],
+                calm_forecast_features(torch.from_numpy(mean_host), token_host, self.horizon),
+                torch.from_numpy(std_host[:, : self.horizon]),
                 hidden_host,
-            )  # fmt: skip
+            )
             if self.calibration is not None and not self.calibration.names:
                 self.calibration.frames = self._forecast_recorder.frames
             self._finish_forecast_calibration()
@@ -409,7 +442,8 @@ class StreamingEngine:
         calibrated = cal is not None and self.frame >= cal.context - 1
         if calibrated:
             mean, std = cal.predict(
-                self.history[:, -cal.context :], torch.from_numpy(mean_host),
+                self.history[:, -cal.context :],
+                calm_forecast_features(torch.from_numpy(mean_host), token_host, cal.horizon),
                 torch.from_numpy(std_host), hidden_host,
             )  # fmt: skip
             mean_host, std_host = mean.numpy(), std.numpy()
@@ -479,6 +513,11 @@ class StreamingEngine:
         lost = min(frames, HISTORY)
         self.history = torch.roll(self.history, -lost, dims=1)
         self.history[:, -lost:] = 0.0
+        if self.device.type == "cpu":
+            self.recent = self.history
+        else:
+            self.recent = torch.roll(self.recent, -lost, dims=1)
+            self.recent[:, -lost:] = 0.0
         self.frame += frames
 
     @property
@@ -489,7 +528,13 @@ class StreamingEngine:
     def _dat_step(self, tokens: Tensor) -> Tensor:
         """Advance chain ``frame mod P`` by one token; returns hidden ``[N, W]``."""
         phase, position = self.frame % self.patch, self.frame // self.patch
-        return self.dat.step(tokens, position, self.cache, phase, self._step_layers)
+        return self.dat.step(
+            tokens, position, self.cache, phase, self._step_layers, values=self._values()
+        )
+
+    def _values(self) -> Tensor | None:
+        """The raw window beside the tokens (models with ``value_input``), in the step's dtype."""
+        return self.window.to(self.dtype) if self.dat.value_in is not None else None
 
     def _compile_step_layers(self) -> Callable[..., Tensor]:
         """``DAT.step_layers`` compiled, and every variant a session meets compiled now.
@@ -509,13 +554,14 @@ class StreamingEngine:
             cfg.layers, self.patch, self.n, cfg.heads, self.context, self.head_dim, self.device
         )
         tokens = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+        values = self._values()
         t0 = time.perf_counter()
         try:
             # No duck sizing: a neuron count that happens to equal a model dimension
             # must not become a guard (every other count would then recompile).
             with torch.no_grad(), fx_config.patch(use_duck_shape=False):
                 for position in range(self.context + 1):  # the window fills, then is full
-                    dat.step(tokens, position, scratch, 0, compiled)
+                    dat.step(tokens, position, scratch, 0, compiled, values=values)
         except Exception as exc:  # inductor's errors have no common base class
             raise ConfigError(
                 f"compiling the engine step failed ({type(exc).__name__}: {exc}); inductor on "
@@ -616,16 +662,27 @@ class StreamingEngine:
             self.readout, cal.r2, cal.active = readout, report["r2"], True  # type: ignore[assignment]
             self._cal_x, self._cal_y = [], []
 
+    def _reading_behavior(self, behavior: np.ndarray | None) -> bool:
+        """Whether this frame feeds the ridge readout: calibrating it, or decoding with it."""
+        cal = self.calibration
+        collecting = cal is not None and cal.names and not cal.active and behavior is not None
+        return bool(collecting) or self.readout is not None
+
     def _readout_behavior(
-        self, token_mean: np.ndarray, behavior: np.ndarray | None
+        self, forecast: np.ndarray, hidden: Tensor | None, behavior: np.ndarray | None
     ) -> np.ndarray | None:
-        """Collect calibration frames; the calibrated ridge readout's behaviour ``[B]`` (host)."""
+        """Collect calibration frames; the calibrated ridge readout's behaviour ``[B]`` (host).
+
+        ``hidden``: the frame's hidden states ``[N, W]`` or their mean over
+        neurons ``[1, W]`` (the same to the readout), given when the frame
+        feeds the readout (:meth:`_reading_behavior`).
+        """
         cal = self.calibration
         collecting = cal is not None and cal.names and not cal.active and behavior is not None
         features = None
-        if collecting or self.readout is not None:
+        if hidden is not None:
             lagged = self.history[:, self._decode_lags]  # [N, L] activity now and at the lags
-            features = RidgeReadout().features(torch.from_numpy(token_mean), lagged)
+            features = RidgeReadout().features(torch.from_numpy(forecast), lagged, hidden)
         if collecting:
             y = np.asarray(behavior, np.float32)
             if y.shape != (len(cal.names),):

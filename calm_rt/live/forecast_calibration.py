@@ -10,7 +10,8 @@ of the session itself (training blocks offline, the first minutes live):
         own level       z[i, t]                                   [1]
         population      loadings' z[:, t]  and  loadings' (z[:, t-l] - z[:, t]), l = 1..L
                                                                   [k * (L + 1)]
-        CalM            token forecast mean[i, t, :H] - z[i, t]   [H]
+        CalM            its forecasts mean[i, t, :H] - z[i, t]    [M * H]
+                        (the continuous head's and the tokens')
                         hidden state[i, t] on its leading PCs     [r]
     target              z[i, t+1 .. t+H] - z[i, t]                [H]
 
@@ -48,6 +49,7 @@ __all__ = [
     "HiddenProjection",
     "SpreadModel",
     "calibration_features",
+    "calm_forecast_features",
     "population_loadings",
 ]
 
@@ -72,6 +74,19 @@ class HiddenProjection:
         return (hidden.double() - self.center) @ self.axes
 
 
+def calm_forecast_features(mean: Tensor, token_mean: Tensor | None, horizon: int) -> Tensor:
+    """CalM's forecasts a calibration reads, each cut to ``horizon``: ``[..., M * horizon]``.
+
+    ``mean [..., H]`` the model's forecast; ``token_mean`` the tokens' own
+    when the model has a continuous head beside them (None: it has not, and
+    ``mean`` is the token forecast).
+    """
+    parts = [mean[..., :horizon]]
+    if token_mean is not None:
+        parts.append(token_mean[..., :horizon])
+    return torch.cat(parts, dim=-1)
+
+
 def population_loadings(z: np.ndarray, components: int) -> Tensor:
     """Leading principal axes over neurons of ``z [N, T]`` (NaN as 0): ``[N, k]`` float64."""
     x = np.nan_to_num(z.astype(np.float64))
@@ -86,7 +101,8 @@ def calibration_features(
     """Stacked features for windows ending at the last context frame.
 
     ``context [B, N, C]`` normalised activity (NaN already 0) ending at
-    frame t, ``calm_mean [B, N, H]`` CalM's token forecast made at t,
+    frame t, ``calm_mean [B, N, M * H]`` CalM's forecasts made at t
+    (:func:`calm_forecast_features`),
     ``hidden_pcs [B, N, r]``, ``loadings [N, k]``. Returns ``[N, B, F]``
     float64 (neurons lead: one ridge per neuron).
     """
@@ -146,9 +162,10 @@ class ForecastCalibration:
     ) -> ForecastCalibration:
         """Fit on windows ending at ``fit_ends`` of one session.
 
-        ``z [N, T]`` normalised activity (NaN allowed), ``calm_mean`` and
-        ``calm_std [N, T, H]`` CalM's token forecast at every frame (as
-        :meth:`calm_rt.model.CalM.run_offline` or the engine produce it),
+        ``z [N, T]`` normalised activity (NaN allowed), ``calm_mean [N, T, M * H]``
+        CalM's forecasts at every frame (:func:`calm_forecast_features` of what
+        :meth:`calm_rt.model.CalM.run_offline` or the engine produce) and
+        ``calm_std [N, T, H]`` its forecast s.d. (H is the calibration's horizon),
         ``hidden_pcs [N, T, r]`` its hidden states through ``projection``
         (fitted by the caller on a sample, so a live calibration never
         holds full hidden states for minutes).
@@ -162,7 +179,12 @@ class ForecastCalibration:
         out-of-fold forecasts there).
         """
         t = z.shape[1]
-        h = calm_mean.shape[-1]
+        h = calm_std.shape[-1]
+        if calm_mean.shape[-1] % h:
+            raise DataError(
+                f"CalM's forecasts have {calm_mean.shape[-1]} values per frame, not a multiple of "
+                f"the horizon {h}; build them with calm_forecast_features"
+            )
         fit_ends = _usable(fit_ends, t, context, h)
         if fit_ends.size < 20:
             raise DataError(
@@ -172,7 +194,7 @@ class ForecastCalibration:
         zt = torch.from_numpy(np.nan_to_num(z.astype(np.float32)))
         used = np.unique(fit_ends[:, None] - np.arange(context)[None, :])
         loadings = population_loadings(z[:, used], pop_components)
-        part = dict(loadings=loadings, pop_lags=pop_lags, context=context)
+        part = dict(loadings=loadings, pop_lags=pop_lags, context=context, horizon=h)
         x, y, xh = _design(zt, calm_mean, hidden_pcs, fit_ends, **part)
         val_ends = _usable(val_ends, t, context, h) if val_ends is not None else None
         if val_ends is not None and val_ends.size >= 2:
@@ -229,8 +251,9 @@ class ForecastCalibration:
     ) -> tuple[Tensor, Tensor]:
         """Forecast and s.d. ``[B, N, H]`` from ``context [B, N, C]`` and CalM's outputs at its end.
 
-        ``calm_mean``, ``calm_std [B, N, H]``, ``hidden [B, N, W]``. Unbatched
-        inputs (``[N, C]``, ``[N, H]``, ``[N, W]``) give ``[N, H]``.
+        ``calm_mean [B, N, M * H]`` (:func:`calm_forecast_features` with this
+        calibration's horizon), ``calm_std [B, N, >= H]``, ``hidden [B, N, W]``.
+        Unbatched inputs (``[N, C]``, ``[N, M * H]``, ``[N, W]``) give ``[N, H]``.
         """
         context = torch.nan_to_num(context, nan=0.0)  # missing samples: the running mean, 0
         single = context.dim() == 2
@@ -246,11 +269,7 @@ class ForecastCalibration:
                 f"this forecast calibration was fitted on {self.n_neurons} neurons, "
                 f"got {context.shape[1]}; calibrate again for this session"
             )
-        ctx, calm_mean, pcs = (
-            context[..., -self.context :],
-            calm_mean[..., : self.horizon],
-            self.projection(hidden),
-        )
+        ctx, pcs = context[..., -self.context :], self.projection(hidden)
         x = calibration_features(ctx, calm_mean, pcs, self.loadings, self.pop_lags)
         delta = self.model.predict(x).transpose(0, 1)  # [B, N, H]
         if self.head is not None:
@@ -348,9 +367,10 @@ def _design(
     loadings: Tensor,
     pop_lags: int,
     context: int,
-) -> tuple[Tensor, Tensor]:
+    horizon: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Ridge features ``[N, S, F]``, targets ``[N, S, H]`` (the change from the last frame), head inputs ``[N, S, F']``."""
-    h = calm_mean.shape[-1]
+    h = horizon
     idx = torch.from_numpy(ends[:, None] + np.arange(-context + 1, h + 1)[None, :])
     windows = z[:, idx].transpose(0, 1)  # [S, N, C + H]
     ctx, future = windows[..., :context], windows[..., context:]
@@ -398,7 +418,8 @@ class CalibrationRecorder:
         return self.frames >= self.target_frames
 
     def add(self, z: Tensor, calm_mean: Tensor, calm_std: Tensor, hidden: Tensor) -> None:
-        """One frame: ``z [N]`` (0 where missing), ``calm_mean``/``calm_std [N, H]``, ``hidden [N, W]``."""
+        """One frame: ``z [N]`` (0 where missing), ``calm_mean [N, M * H]``
+        (:func:`calm_forecast_features`), ``calm_std [N, H]``, ``hidden [N, W]``."""
         self._z.append(z.clone())
         self._mean.append(calm_mean.clone())
         self._std.append(calm_std.clone())
@@ -415,8 +436,8 @@ class CalibrationRecorder:
         if self.projection is None:
             raise DataError("the calibration ended before its hidden-state projection was fitted")
         z = torch.stack(self._z, dim=1).numpy()  # [N, T]
-        mean = torch.stack(self._mean, dim=1)[..., :horizon]  # [N, T, H]
-        std = torch.stack(self._std, dim=1)[..., :horizon]
+        mean = torch.stack(self._mean, dim=1)  # [N, T, M * H]
+        std = torch.stack(self._std, dim=1)[..., :horizon]  # [N, T, H]
         pcs = torch.stack(self._hidden, dim=1)  # [N, T, r]
         ends = np.arange(context - 1, z.shape[1] - horizon)
         return ForecastCalibration.fit(

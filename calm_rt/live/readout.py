@@ -1,21 +1,27 @@
-"""Closed-form ridge readout of behaviour from CalM's forecasts and the recent activity.
+"""Closed-form ridge readout of behaviour from CalM's forecasts, its population state and the activity.
 
 This is the fast calibration path: from a few minutes of labelled behaviour
 it fits in well under a second, so the live service can calibrate at the
-start of a session. Features at frame t, per neuron, concatenated over
-neurons: CalM's token forecast of the neuron made at t for
-:data:`DECODE_HORIZONS` frames ahead (a denoised summary of the population
-dynamics the neuron is in; causal: made from frames up to t) and its
-normalised activity now and :data:`DECODE_LAGS` frames back (the supervised
-``ridge`` baseline's features, so the readout adds what CalM knows on top
-of them). The penalty is chosen by blocked cross-validation in time and the
-readout refitted on all frames (:mod:`calm_rt.live.ridge`, the same ridge
-the baselines use).
+start of a session. Features at frame t (all causal: made from frames up
+to t):
 
-Hidden states were the features before: measured on the zebrafish
-hindbrain recording and simulated animals, their 8 PCs per neuron added
-more features than a few minutes of behaviour can fit and decoded worse
-than the lagged activity alone (docs/model.md).
+* per neuron, concatenated over neurons: CalM's forecast of the neuron for
+  :data:`DECODE_HORIZONS` frames ahead (a denoised summary of the dynamics
+  the neuron is in) and its normalised activity now and :data:`DECODE_LAGS`
+  frames back (the supervised ``ridge`` baseline's features, so the readout
+  adds what CalM knows on top of them);
+* CalM's population state: its hidden states averaged over neurons ``[W]``
+  (what neural attention gathered from the whole population).
+
+The penalty is chosen by blocked cross-validation in time and the readout
+refitted on all frames (:mod:`calm_rt.live.ridge`, the same ridge the
+baselines use).
+
+Per-neuron hidden states were tried first: their 8 PCs per neuron added more
+features than a few minutes of behaviour can fit and decoded worse than the
+lagged activity alone. Their mean over neurons is one small vector and
+decoded best of what was tried (lags of it helped the simulated animals a
+little and hurt the hindbrain recording; docs/model.md).
 """
 
 from __future__ import annotations
@@ -51,13 +57,16 @@ class RidgeReadout:
     horizons: tuple[int, ...] = DECODE_HORIZONS
     folds: int = 5
 
-    def features(self, forecast: Tensor, lagged: Tensor) -> Tensor:
-        """``forecast [..., N, H]`` (the token forecast) and ``lagged [..., N, L]`` to ``[..., N * (h + L)]``.
+    def features(self, forecast: Tensor, lagged: Tensor, hidden: Tensor) -> Tensor:
+        """``forecast [..., N, H]``, ``lagged [..., N, L]`` and ``hidden [..., N, W]`` to ``[..., N * (h + L) + W]``.
 
-        Horizons beyond the forecast's ``H`` are left out.
+        ``forecast`` is CalM's published forecast, ``hidden`` its hidden
+        states (only their mean over neurons is used). Horizons beyond the
+        forecast's ``H`` are left out.
         """
         idx = [h - 1 for h in self.horizons if h <= forecast.shape[-1]]
-        return torch.cat([forecast[..., idx].double(), lagged.double()], dim=-1).flatten(-2)
+        own = torch.cat([forecast[..., idx].double(), lagged.double()], dim=-1).flatten(-2)
+        return torch.cat([own, hidden.double().mean(-2)], dim=-1)
 
     def fit(
         self,
@@ -103,7 +112,7 @@ class RidgeReadout:
         scores = [float(v) if ok_ else None for v, ok_ in zip(r2, varied)]
         return {"r2": scores, "lambda": self.model.penalty, "frames": int(scored_on.sum())}
 
-    def predict(self, forecast: Tensor, lagged: Tensor) -> Tensor:
-        """``forecast [..., N, H]`` and ``lagged [..., N, L]`` (:func:`lagged_activity`) to ``[..., B]``."""
-        x = self.features(forecast, lagged)
+    def predict(self, forecast: Tensor, lagged: Tensor, hidden: Tensor) -> Tensor:
+        """``forecast [..., N, H]``, ``lagged [..., N, L]`` (:func:`lagged_activity`), ``hidden [..., N, W]`` to ``[..., B]``."""
+        x = self.features(forecast, lagged, hidden)
         return self.model.predict(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1).float()

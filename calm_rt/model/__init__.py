@@ -11,7 +11,7 @@ from calm_rt.model.calm import CalM, OfflineOutput
 from calm_rt.model.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
 from calm_rt.model.config import PRESETS, CalMConfig, DATConfig, TokenizerConfig
 from calm_rt.model.dat import DualAxisTransformer, KVCache
-from calm_rt.model.heads import BehaviorHead, token_forecast
+from calm_rt.model.heads import BehaviorHead, ContinuousForecastHead, token_forecast
 from calm_rt.model.tokenizer import NQTokenizer, frame_windows
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "BehaviorHead",
     "CalM",
     "CalMConfig",
+    "ContinuousForecastHead",
     "DATConfig",
     "DualAxisTransformer",
     "KVCache",

@@ -6,13 +6,18 @@ How a recording becomes predictions (shapes for one session of N neurons)::
     windows [N, T, P]     the last P frames before each frame (zeros before t=0)
     tokens [N, T]         NQ tokenizer: causal encoder + shared codebook argmin
     chains                tokens at stride P: chain phi holds frames phi, phi+P, ...
-    DAT                   per chain: temporal attention (causal, sliding window of
-                          C tokens, rotary), neural attention (all N at one step),
-                          SwiGLU MLP
+    DAT                   per chain: token embedding + its raw window (the
+                          continuous path), temporal attention (causal, sliding
+                          window of C tokens, rotary), neural attention (all N at
+                          one step), SwiGLU MLP
     logits [N, T, k, K]   multi-token heads: token m steps ahead = frames
                           t+(m-1)P+1 .. t+mP
-    forecast [N, T, kP]   expected decoded window under each head's distribution,
-                          with its standard deviation
+    token forecast        expected decoded window under each head's distribution,
+      [N, T, kP]          with its standard deviation
+    forecast [N, T, kP]   the continuous head: the neuron's last C*P frames,
+                          FiLM-modulated by its hidden state, to the change from
+                          the last frame and its s.d. (the token forecast when
+                          the model has no continuous head)
 
 Every frame has a token, so the streaming engine (:mod:`calm_rt.live`)
 advances exactly one of the P chains per frame and answers every frame.
@@ -30,7 +35,7 @@ from torch import Tensor, nn
 
 from calm_rt.model.config import CalMConfig
 from calm_rt.model.dat import DualAxisTransformer
-from calm_rt.model.heads import BehaviorHead, token_forecast
+from calm_rt.model.heads import BehaviorHead, ContinuousForecastHead, token_forecast
 from calm_rt.model.tokenizer import NQTokenizer, frame_windows
 
 __all__ = ["CalM", "OfflineOutput"]
@@ -47,7 +52,14 @@ class CalM(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = NQTokenizer(config.tokenizer)
-        self.dat = DualAxisTransformer(config.dat, config.tokenizer.codebook_size)
+        self.dat = DualAxisTransformer(config.dat, config.tokenizer.codebook_size, config.patch)
+        self.forecast_head = (
+            ContinuousForecastHead(
+                config.context_frames, config.horizon_frames, config.dat.width, config.forecast_head
+            )
+            if config.forecast_head
+            else None
+        )
         n_beh = len(config.behavior_names)
         self.behavior_head = (
             BehaviorHead(config.dat.width, n_beh, config.behavior_queries) if n_beh else None
@@ -80,6 +92,21 @@ class CalM(nn.Module):
         """
         return token_forecast(logits, self.tokenizer.decode_table() if table is None else table)
 
+    def forecast(
+        self, context: Tensor, hidden: Tensor, logits: Tensor, table: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The model's forecast and s.d., then the token forecast and s.d., each ``[..., H]``.
+
+        ``context [..., C*P]``: the neuron's last frames, oldest first (0 where
+        missing or before the recording); ``hidden [..., W]``, ``logits [..., k, K]``.
+        Without a continuous head the model's forecast is the token forecast.
+        """
+        token_mean, token_std = self.forecast_from_logits(logits, table)
+        if self.forecast_head is None:
+            return token_mean, token_std, token_mean, token_std
+        mean, std = self.forecast_head(context.to(hidden.dtype), hidden)
+        return mean, std, token_mean, token_std
+
     @torch.no_grad()
     def run_offline(self, z: Tensor) -> OfflineOutput:
         """Run the model over a whole recording, as the streaming engine would.
@@ -89,48 +116,56 @@ class CalM(nn.Module):
         """
         z = torch.nan_to_num(z.float(), nan=0.0)
         n, t = z.shape
-        p = self.config.patch
-        tokens = self.tokenize(z)
+        p, c = self.config.patch, self.config.context_frames
+        windows = frame_windows(z, p)  # [N, T, P]
+        tokens = self.tokenizer.tokenize_windows(windows.reshape(n * t, p)).view(n, t)
+        contexts = frame_windows(z, c)  # [N, T, C*P] (a view)
         h = self.config.horizon_frames
-        forecast = torch.empty(n, t, h)
-        spread = torch.empty(n, t, h)
-        hidden = torch.empty(n, t, self.config.dat.width)
+        keys = ("mean", "std", "token_mean", "token_std")
+        out = {k: torch.empty(n, t, h, device=z.device) for k in keys}
+        hidden = torch.empty(n, t, self.config.dat.width, device=z.device)
         for phase in range(min(p, t)):
             chain = tokens[:, phase::p]  # [N, L]
-            hid, logits = self.dat(chain[None])
-            mean, std = self.forecast_from_logits(logits[0])
-            forecast[:, phase::p] = mean
-            spread[:, phase::p] = std
+            hid, logits = self.dat(chain[None], values=windows[None, :, phase::p])
+            parts = self.forecast(contexts[:, phase::p], hid[0], logits[0])
+            for key, part in zip(out, parts, strict=True):
+                out[key][:, phase::p] = part
             hidden[:, phase::p] = hid[0]
         behavior = None
         if self.behavior_head is not None:
             behavior = (
                 self.behavior_head(hidden.transpose(0, 1)) * self.behavior_std + self.behavior_mean
             )
-        return OfflineOutput(tokens, forecast, spread, hidden, behavior)
+        return OfflineOutput(
+            tokens, out["mean"], out["std"], hidden, behavior, out["token_mean"], out["token_std"]
+        )
 
     @torch.no_grad()
     def forecast_windows(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Forecast after each context window: ``z [B, N, Tc]`` to mean, s.d. ``[B, N, H]``.
 
         Uses only the window (the evaluation protocol's fixed context): the
-        chain ending at the window's last frame, at most C tokens.
+        chain ending at the window's last frame, at most C tokens, and the
+        window's last C*P frames for the continuous head (zeros before it).
         """
         z = torch.nan_to_num(z.float(), nan=0.0)
         b, n, tc = z.shape
-        p = self.config.patch
+        p, c = self.config.patch, self.config.context_frames
         ends = torch.arange(tc - 1, -1, -p).flip(0)[-self.config.dat.context_tokens :]
         windows = frame_windows(z, p)[:, :, ends]  # [B, N, L, P]
         ids = self.tokenizer.tokenize_windows(windows.reshape(-1, p)).view(b, n, -1)
-        _, logits = self.dat(ids)
-        return self.forecast_from_logits(logits[:, :, -1])
+        hidden, logits = self.dat(ids, values=windows)
+        context = frame_windows(z, c)[:, :, -1]  # [B, N, C*P]
+        mean, std, _, _ = self.forecast(context, hidden[:, :, -1], logits[:, :, -1])
+        return mean, std
 
 
 @dataclass
 class OfflineOutput:
     """Per-frame outputs of :meth:`CalM.run_offline` for one session.
 
-    ``forecast[:, t, h]`` predicts frame ``t + 1 + h`` from frames ``<= t``.
+    ``forecast[:, t, h]`` predicts frame ``t + 1 + h`` from frames ``<= t``
+    (the continuous head's; the token forecast beside it).
     """
 
     tokens: Tensor  # [N, T] int64
@@ -138,3 +173,5 @@ class OfflineOutput:
     forecast_std: Tensor  # [N, T, H]
     hidden: Tensor  # [N, T, W]
     behavior: Tensor | None  # [T, B] in behaviour units, when a head is fitted
+    token_forecast: Tensor  # [N, T, H] the tokens' own forecast (= forecast without a head)
+    token_std: Tensor  # [N, T, H]

@@ -34,6 +34,9 @@ class DATConfig:
     ``context_tokens`` is the temporal attention window C per chain (the
     context in frames is ``C * patch``); ``horizon_tokens`` the number of
     multi-token heads k (the forecast horizon in frames is ``k * patch``).
+    ``value_input``: the raw normalised window a token summarises enters
+    beside the token's embedding (the continuous path: a 7-bit code cannot
+    say exactly where the trace is now).
     """
 
     width: int = 64
@@ -44,16 +47,22 @@ class DATConfig:
     mlp_ratio: float = 8 / 3
     neural_attention: bool = True
     rope_base: float = 1000.0
+    value_input: bool = False
 
 
 @dataclass(frozen=True)
 class CalMConfig:
-    """The whole model. ``behavior_names`` is empty until a head is fine-tuned."""
+    """The whole model. ``behavior_names`` is empty until a head is fine-tuned.
+
+    ``forecast_head``: hidden width of the continuous forecast head (0: none,
+    the forecast is the tokens' alone, as in checkpoints before it).
+    """
 
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dat: DATConfig = field(default_factory=DATConfig)
     behavior_names: tuple[str, ...] = ()
     behavior_queries: int = 4
+    forecast_head: int = 0
 
     def __post_init__(self) -> None:
         t, d = self.tokenizer, self.dat
@@ -65,6 +74,8 @@ class CalMConfig:
             raise ConfigError("head dimension must be even for rotary embeddings")
         if d.context_tokens < 1 or d.horizon_tokens < 1:
             raise ConfigError("context_tokens and horizon_tokens must be >= 1")
+        if self.forecast_head < 0:
+            raise ConfigError(f"forecast_head must be >= 0, got {self.forecast_head}")
 
     @property
     def patch(self) -> int:
@@ -89,6 +100,7 @@ class CalMConfig:
                 dat=DATConfig(**data["dat"]),
                 behavior_names=tuple(data.get("behavior_names", ())),
                 behavior_queries=int(data.get("behavior_queries", 4)),
+                forecast_head=int(data.get("forecast_head", 0)),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(
@@ -102,8 +114,13 @@ PRESETS: dict[str, CalMConfig] = {
         tokenizer=TokenizerConfig(
             patch=4, codebook_size=64, code_dim=8, width=16, layers=1, heads=2
         ),
-        dat=DATConfig(width=32, layers=2, heads=2, context_tokens=12, horizon_tokens=4),
+        dat=DATConfig(
+            width=32, layers=2, heads=2, context_tokens=12, horizon_tokens=4, value_input=True
+        ),
+        forecast_head=32,
     ),
-    # The shipped default: a few MB, pretrains on 2 CPU cores in under an hour.
-    "small": CalMConfig(),
+    # The shipped default: a few MB, pretrains on 2 CPU cores in under 40 minutes.
+    "small": CalMConfig(dat=DATConfig(value_input=True), forecast_head=64),
+    # Tokens alone (the checkpoints before the continuous path), for ablations.
+    "small-tokens": CalMConfig(),
 }

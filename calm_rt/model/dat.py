@@ -40,13 +40,18 @@ __all__ = [
 
 
 class DualAxisTransformer(nn.Module):
-    """Token chains ``[B, N, L]`` to hidden states ``[B, N, L, W]`` and logits ``[B, N, L, k, K]``."""
+    """Token chains ``[B, N, L]`` to hidden states ``[B, N, L, W]`` and logits ``[B, N, L, k, K]``.
 
-    def __init__(self, config: DATConfig, codebook_size: int) -> None:
+    With ``config.value_input`` each token's input is its embedding plus a
+    linear map of the raw window ``values [..., P]`` it summarises.
+    """
+
+    def __init__(self, config: DATConfig, codebook_size: int, patch: int = 4) -> None:
         super().__init__()
         self.config = config
         self.codebook_size = codebook_size
         self.embed = nn.Embedding(codebook_size, config.width)
+        self.value_in = nn.Linear(patch, config.width) if config.value_input else None
         self.blocks = nn.ModuleList(DATBlock(config) for _ in range(config.layers))
         self.norm = RMSNorm(config.width)
         self.heads = nn.Linear(config.width, config.horizon_tokens * codebook_size)
@@ -57,13 +62,24 @@ class DualAxisTransformer(nn.Module):
             positions, self.config.width // self.config.heads, self.config.rope_base
         )
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Whole chains: ``tokens [B, N, L]`` to hidden ``[B, N, L, W]`` and logits."""
+    def embed_inputs(self, tokens: Tensor, values: Tensor | None) -> Tensor:
+        """``tokens [...]`` and their raw windows ``values [..., P]`` to inputs ``[..., W]``."""
+        x = self.embed(tokens)
+        if self.value_in is None:
+            return x
+        if values is None:
+            raise ValueError("this model reads each token's raw window: pass values [..., P]")
+        return x + self.value_in(values.to(x.dtype))
+
+    def forward(
+        self, tokens: Tensor, positions: Tensor | None = None, values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Whole chains: ``tokens [B, N, L]`` (and ``values [B, N, L, P]``) to hidden ``[B, N, L, W]`` and logits."""
         length = tokens.shape[-1]
         if positions is None:
             positions = torch.arange(length, device=tokens.device)
         cos, sin = self.rotary(positions)
-        x = self.embed(tokens)  # [B, N, L, W]
+        x = self.embed_inputs(tokens, values)  # [B, N, L, W]
         for block in self.blocks:
             x = block(x, cos, sin)
         hidden = self.norm(x)
@@ -76,24 +92,27 @@ class DualAxisTransformer(nn.Module):
         cache: KVCache,
         chain: int,
         step_layers: Callable[..., Tensor] | None = None,
+        values: Tensor | None = None,
     ) -> Tensor:
         """Advance chain ``chain`` by one token per neuron: ``tokens [N]`` to hidden ``[N, W]``.
 
         ``position`` is the token's index along its chain; the chain's KV
-        cache is updated in place. Equal to the last position of
-        :meth:`forward` over the chain's last C tokens. ``step_layers``
-        replaces :meth:`step_layers` (the streaming engine passes its
-        compiled copy).
+        cache is updated in place. ``values [N, P]``: the raw windows the
+        tokens summarise (models with ``value_input``). Equal to the last
+        position of :meth:`forward` over the chain's last C tokens.
+        ``step_layers`` replaces :meth:`step_layers` (the streaming engine
+        passes its compiled copy).
         """
         slot, keep = cache.advance(chain, position)
         device = cache.k.device
         cos, sin = (t.float() for t in self.rotary(torch.tensor([position], device=device)))
         layers = [cache.layer(layer, chain) for layer in range(len(self.blocks))]
-        return (step_layers or self.step_layers)(tokens, cos, sin, layers, slot, keep)
+        return (step_layers or self.step_layers)(tokens, values, cos, sin, layers, slot, keep)
 
     def step_layers(
         self,
         tokens: Tensor,
+        values: Tensor | None,
         cos: Tensor,
         sin: Tensor,
         caches: list[tuple[Tensor, Tensor]],
@@ -105,7 +124,7 @@ class DualAxisTransformer(nn.Module):
         ``caches``: per layer the chain's key and value cache ``[N, H, C, d]``,
         written at ``slot``; ``keep`` as :meth:`KVCache.advance` returns it.
         """
-        x = self.embed(tokens)[None, :, None]  # [1, N, 1, W]
+        x = self.embed_inputs(tokens, values)[None, :, None]  # [1, N, 1, W]
         for block, (k_cache, v_cache) in zip(self.blocks, caches, strict=True):
             x = block(x, cos, sin, CacheSlot(k_cache, v_cache, slot, keep))
         return self.norm(x[0, :, 0])

@@ -23,7 +23,11 @@ from calm_rt.data.splits import TEST, TRAIN, VAL, PreparedSession, Protocol
 from calm_rt.errors import ConfigError, DataError
 from calm_rt.live import RidgeReadout, r2_score
 from calm_rt.live.engine import HISTORY
-from calm_rt.live.forecast_calibration import ForecastCalibration, HiddenProjection
+from calm_rt.live.forecast_calibration import (
+    ForecastCalibration,
+    HiddenProjection,
+    calm_forecast_features,
+)
 from calm_rt.live.readout import lagged_activity
 from calm_rt.model import CalM, OfflineOutput, frame_windows
 from calm_rt.offline.baselines import dense_window_starts, windows_at
@@ -178,7 +182,7 @@ def calibrate_forecasts(
     projection = HiddenProjection.fit(out.hidden[:, sample])
     calibration = ForecastCalibration.fit(
         s.z,
-        out.forecast[..., :h],
+        _calm_features(model, out.forecast, out.token_forecast, h),
         out.forecast_std[..., :h],
         projection(out.hidden),
         projection,
@@ -188,6 +192,13 @@ def calibrate_forecasts(
         head_steps=head_steps,
     )
     return CalmForecasts(out, calibration, projection)
+
+
+def _calm_features(
+    model: CalM, mean: torch.Tensor, token_mean: torch.Tensor, h: int
+) -> torch.Tensor:
+    """:func:`calm_forecast_features` of a model's outputs (the tokens' apart only beside a head)."""
+    return calm_forecast_features(mean, token_mean if model.forecast_head is not None else None, h)
 
 
 def _score_runs(
@@ -228,7 +239,8 @@ def evaluate(
     Rows: ``calm`` is CalM with its forecast calibration (ridge + continuous head) fitted
     on the training blocks (the data the baselines are fitted on, penalty on
     validation blocks; :mod:`calm_rt.live.forecast_calibration`);
-    ``calm_zeroshot`` the pretrained model's own token forecast; with
+    ``calm_zeroshot`` the pretrained model's own forecast (its continuous
+    head's; ``calm_tokens`` the token forecast beside it); with
     ``live``, ``calm_live`` replays each session frame by frame through the
     streaming engine with that calibration installed and scores what the
     engine published (``live_max_abs_diff`` says how far it is from ``calm``).
@@ -291,12 +303,18 @@ def evaluate(
         say(f"CalM over {s.session.session_id} and its forecast calibration")
         calm = calm_of[k] = calibrate_forecasts(model, s, protocol, head_steps)
         e = torch.from_numpy(ends)
-        token_mean = calm.offline.forecast[:, e, :h].transpose(0, 1)  # [B, N, H]
-        token_std = calm.offline.forecast_std[:, e, :h].transpose(0, 1)
+        off = calm.offline
+        zeroshot = off.forecast[:, e, :h].transpose(0, 1)  # [B, N, H]
+        features = _calm_features(model, off.forecast[:, e], off.token_forecast[:, e], h)
         mean, sd = calm.calibration.predict(
-            ctx, token_mean, token_std, calm.offline.hidden[:, e].transpose(0, 1)
+            ctx,
+            features.transpose(0, 1),
+            off.forecast_std[:, e, :h].transpose(0, 1),
+            off.hidden[:, e].transpose(0, 1),
         )
-        outputs = {"calm": mean.numpy(), "calm_zeroshot": token_mean.numpy()}
+        outputs = {"calm": mean.numpy(), "calm_zeroshot": zeroshot.numpy()}
+        if model.forecast_head is not None:  # what the tokens alone say (the paper's forecast)
+            outputs["calm_tokens"] = off.token_forecast[:, e, :h].transpose(0, 1).numpy()
         pooled["mean"].append(outputs["calm"])
         pooled["sd"].append(sd.numpy())
         pooled["target"].append(target)
@@ -321,6 +339,7 @@ def evaluate(
     names = [
         "calm",
         "calm_zeroshot",
+        *(["calm_tokens"] if model.forecast_head is not None else []),
         *(["calm_live"] if live else []),
         *(f.name for f in forecasters),
     ]
@@ -359,8 +378,8 @@ def evaluate(
             row = {"session_id": s.session.session_id, "group": _group_of(s.session, meta)}
             hidden = calm_of[k].offline.hidden.transpose(0, 1)  # [T, N, W]
             readout = RidgeReadout()
-            token_mean = calm_of[k].offline.forecast.transpose(0, 1)  # [T, N, H]
-            features = readout.features(token_mean, lagged_activity(s.z))
+            forecast = calm_of[k].offline.forecast.transpose(0, 1)  # [T, N, H]
+            features = readout.features(forecast, lagged_activity(s.z), hidden)
             readout.fit(features, s.behavior, s.labels == TRAIN, s.labels == VAL)
             pred = readout.model.predict(features).float().numpy()
             row["calm_ridge"] = {"r2": float(r2_score(pred[test], s.behavior[test]).mean())}

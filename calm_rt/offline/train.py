@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ class TrainConfig:
     # max_neurons, the shipped recipe (a 16-128 mix was tried and not kept: docs/model.md).
     min_neurons: int | None = None
     max_neurons: int = 64
+    # With subsets of varying size: neurons x batch per step stay near this many
+    # sequences (a batch of 512 neurons is one window), so a step costs about the same
+    # at any size. 0: dat_batch windows whatever the size.
+    sequence_budget: int = 0
     seq_tokens: int = 24
     dat_lr: float = 2e-3
     weight_decay: float = 0.01
@@ -65,6 +69,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     save_every: int = 500
     seed: int = 0
+    # Models with a continuous head: its MSE on the change over the horizon (what a rig
+    # is scored on) beside the token cross-entropy, and its s.d.'s Gaussian likelihood.
+    forecast_weight: float = 1.0
+    nll_weight: float = 0.1
 
     def __post_init__(self) -> None:
         smallest = self.max_neurons if self.min_neurons is None else self.min_neurons
@@ -76,6 +84,8 @@ class TrainConfig:
             )
         if self.tokenizer_steps < 0 or self.dat_steps < 0:
             raise ConfigError("step counts must be >= 0")
+        if self.sequence_budget < 0 or self.forecast_weight < 0 or self.nll_weight < 0:
+            raise ConfigError("sequence_budget, forecast_weight and nll_weight must be >= 0")
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +209,22 @@ def tokenize_sessions(
     return out
 
 
+class DATBatch(NamedTuple):
+    """One training batch of the transformer: ``B`` windows of one session, ``n`` neurons."""
+
+    inputs: Tensor  # [B, n, L] token ids
+    targets: Tensor  # [B, n, L, k] the token m chain steps ahead
+    values: Tensor  # [B, n, L, P] the raw window each input token summarises
+    context: Tensor  # [B, n, L, C*P] the last C*P frames at each input (the continuous head's)
+    future: Tensor  # [B, n, L, k*P] the frames after each input
+
+
+def _dat_span(cfg: TrainConfig, model_cfg: CalMConfig) -> int:
+    """Frames one training window covers: the chains, their targets, the first input's context."""
+    p, k = model_cfg.patch, model_cfg.dat.horizon_tokens
+    return p * (cfg.seq_tokens + k - 1) + max(p, model_cfg.context_frames)
+
+
 def _sample_dat_batch(
     sessions: Sequence[PreparedSession],
     tokens: Sequence[np.ndarray],
@@ -206,14 +232,14 @@ def _sample_dat_batch(
     rng: np.random.Generator,
     cfg: TrainConfig,
     model_cfg: CalMConfig,
-) -> tuple[Tensor, Tensor]:
-    """One session, ``dat_batch`` windows of ``seq_tokens + k`` chain tokens, a neuron subset.
-
-    Returns inputs ``[B, n, L]`` and targets ``[B, n, L, k]`` (token m steps ahead).
-    """
-    weights = np.array(
-        [len(e) * min(s.n_neurons, cfg.max_neurons) for s, e in zip(sessions, ends)], float
-    )
+) -> DATBatch:
+    """One session, windows of ``seq_tokens + k`` chain tokens, a neuron subset."""
+    if cfg.sequence_budget:  # sessions by time, large populations a little more often
+        weights = np.array([len(e) * np.sqrt(s.n_neurons) for s, e in zip(sessions, ends)])
+    else:
+        weights = np.array(
+            [len(e) * min(s.n_neurons, cfg.max_neurons) for s, e in zip(sessions, ends)], float
+        )
     k_sess = rng.choice(len(sessions), p=weights / weights.sum())
     s, tok, e = sessions[k_sess], tokens[k_sess], ends[k_sess]
     p, k, length = model_cfg.patch, model_cfg.dat.horizon_tokens, cfg.seq_tokens
@@ -222,14 +248,39 @@ def _sample_dat_batch(
     n = n_max  # one size draws nothing, so the shipped recipe's random stream is unchanged
     if n_min < n_max:
         n = int(round(np.exp(rng.uniform(np.log(n_min), np.log(n_max)))))
+    batch = max(1, cfg.sequence_budget // n) if cfg.sequence_budget else cfg.dat_batch
     neurons = np.sort(rng.choice(s.n_neurons, size=n, replace=False))
-    last = e[rng.integers(0, e.size, size=cfg.dat_batch)]  # frame of the last target token
+    last = e[rng.integers(0, e.size, size=batch)]  # frame of the last target token
     frames = last[:, None] - p * np.arange(length + k - 1, -1, -1)[None, :]  # [B, L + k]
     chain = tok[neurons][:, frames].astype(np.int64).transpose(1, 0, 2)  # [B, n, L + k]
     chain = torch.from_numpy(chain)
     inputs = chain[..., :length]
     targets = torch.stack([chain[..., m : m + length] for m in range(1, k + 1)], dim=-1)
-    return inputs, targets
+    # Raw frames around each input: its context (and window) before, the horizon after.
+    c = max(p, model_cfg.context_frames)
+    offsets = np.arange(-c + 1, k * p + 1)
+    idx = frames[:, :length, None] + offsets[None, None, :]  # [B, L, C + H]
+    raw = np.nan_to_num(s.z[neurons][:, idx]).transpose(1, 0, 2, 3)  # [B, n, L, C + H]
+    raw = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+    context = raw[..., c - model_cfg.context_frames : c]
+    return DATBatch(inputs, targets, raw[..., c - p : c], context, raw[..., c:])
+
+
+class _Trained(nn.Module):
+    """What the transformer stage trains: the DAT and the continuous head (one DDP unit)."""
+
+    def __init__(self, model: CalM) -> None:
+        super().__init__()
+        self.dat = model.dat
+        self.forecast_head = model.forecast_head
+
+    def forward(self, batch: DATBatch) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Logits ``[B, n, L, k, K]``, and the head's mean and s.d. ``[B, n, L, H]`` (or None)."""
+        hidden, logits = self.dat(batch.inputs, values=batch.values)
+        if self.forecast_head is None:
+            return logits, None, None
+        mean, std = self.forecast_head(batch.context, hidden)
+        return logits, mean, std
 
 
 # ---------------------------------------------------------------------------
@@ -414,12 +465,11 @@ def _train_dat(
     """
     rank, world = _world()
     model_config = model.config
-    p = model_config.patch
     model.tokenizer.eval()
     for prm in model.tokenizer.parameters():
         prm.requires_grad_(False)
     tokens = tokenize_sessions(model, sessions)
-    span = (cfg.seq_tokens + model_config.dat.horizon_tokens) * p
+    span = _dat_span(cfg, model_config)
     dat_ends = [_train_window_ends(s, span) for s in sessions]
     keep = [i for i, e in enumerate(dat_ends) if len(e)]
     if not keep:
@@ -429,10 +479,11 @@ def _train_dat(
     sess_k = [sessions[i] for i in keep]
     tok_k = [tokens[i] for i in keep]
     ends_k = [dat_ends[i] for i in keep]
-    dat = model.dat
-    dat.train()
-    decays = [q.dim() >= 2 and "embed" not in n_ for n_, q in dat.named_parameters()]
-    params = [q for _, q in dat.named_parameters()]
+    trained = _Trained(model)
+    trained.train()
+    named = list(trained.named_parameters())
+    decays = [q.dim() >= 2 and "embed" not in n_ for n_, q in named]
+    params = [q for _, q in named]
     opt = torch.optim.AdamW(
         [
             {"params": [q for q, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
@@ -443,39 +494,43 @@ def _train_dat(
     )
     if state["step"] > 0 and resume_optimizer is not None:
         _load_optimizer(opt, resume_optimizer)
-    ddp = nn.parallel.DistributedDataParallel(dat) if world > 1 else dat
+    ddp = nn.parallel.DistributedDataParallel(trained) if world > 1 else trained
     bar = _progress(cfg.dat_steps, desc, state["step"], progress)
     log_every = max(1, min(50, cfg.dat_steps // 10))
     t0, seen = time.perf_counter(), 0
     for step in range(state["step"], cfg.dat_steps):
         rng, _ = _rng(cfg.seed, 2, step, rank)
-        inputs, targets = _sample_dat_batch(sess_k, tok_k, ends_k, rng, cfg, model_config)
+        batch = _sample_dat_batch(sess_k, tok_k, ends_k, rng, cfg, model_config)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.dat_steps, cfg.dat_lr, cfg.warmup_steps)
-        _, logits = ddp(inputs)  # [B, n, L, k, K]
+        logits, mean, std = ddp(batch)
+        targets = batch.targets
         ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
         per_head = ce.view(targets.shape).mean(dim=(0, 1, 2))
         loss = per_head.mean()
+        record = {"next_token_ce": float(per_head[0].detach())}
+        if mean is not None and std is not None:
+            err = mean - batch.future
+            mse = err.pow(2).mean()
+            # The s.d. learns the residual it is given; its gradient never moves the mean.
+            nll = (std.log() + 0.5 * (err.detach() / std).pow(2)).mean()
+            loss = loss + cfg.forecast_weight * mse + cfg.nll_weight * nll
+            copy_mse = (batch.future - batch.context[..., -1:]).pow(2).mean()
+            record["forecast_score"] = 1.0 - float(mse.detach()) / max(float(copy_mse), 1e-12)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(dat.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
         opt.step()
-        seen += inputs.numel()
-        next_ce = float(per_head[0].detach())
+        seen += batch.inputs.numel()
         bar.set_postfix(
-            next_ce=f"{next_ce:.3f}",
+            **{k_: f"{v:.3f}" for k_, v in record.items()},
             tok_s=f"{seen / (time.perf_counter() - t0):,.0f}",
             refresh=False,
         )
         bar.update(1)
         if (step + 1) % log_every == 0:
             state["history"].append(
-                {
-                    "stage": "dat",
-                    "step": step + 1,
-                    "loss": float(loss.detach()),
-                    "next_token_ce": next_ce,
-                }
+                {"stage": "dat", "step": step + 1, "loss": float(loss.detach()), **record}
             )
         state["step"] = step + 1
         if (
@@ -485,7 +540,7 @@ def _train_dat(
         ):
             checkpoint(opt)
     bar.close()
-    dat.eval()
+    trained.eval()
 
 
 def pretrain_dat(
