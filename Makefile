@@ -53,12 +53,20 @@ format: install
 	$(VENV)/bin/ruff check --fix calm_rt kernels napari_plugin bench scripts tests
 	$(VENV)/bin/ruff format calm_rt kernels napari_plugin bench scripts tests
 
-# Rebuild the shipped default checkpoint (9 min on the 2-core dev machine; see README).
+# Rebuild the shipped default checkpoint (about 30 min on the 2-core dev machine; see
+# README): simulated animals as the rig records them (30 Hz), animals of varied rates,
+# sizes, indicators and dynamics, and the training blocks of the three real recordings.
 checkpoint: install
 	$(VENV)/bin/calm-rt simulate --out runs/corpus --animals 6 --sessions 3 \
 		--neurons 128 --frames 10000 --seed 1
-	$(VENV)/bin/calm-rt pretrain --data runs/corpus --out runs/ckpt_default \
-		--holdout-sessions 1 --tokenizer-steps 1500 --dat-steps 1500 --seed 0
+	$(VENV)/bin/calm-rt simulate --out runs/corpus_varied --animals 16 --sessions 2 \
+		--neurons 1000 --frames 6000 --seed 11 --varied
+	$(VENV)/bin/calm-rt pretrain --data runs/corpus runs/corpus_varied --out runs/ckpt_default \
+		--holdout-sessions 1 --tokenizer-steps 1500 --dat-steps 4500 --seed 0 \
+		--subset-neurons 16 512 --sequence-budget 512 --no-resume \
+		--recording ../shared/data/zebrafish_hindbrain 5.8 300 \
+		--recording ../shared/data/suite2p_hippocampus 30 1000 \
+		--recording ../shared/data/zebrafish_legare 1 150
 	mkdir -p calm_rt/checkpoints/default
 	cp runs/ckpt_default/model.safetensors runs/ckpt_default/config.json calm_rt/checkpoints/default/
 

@@ -163,6 +163,7 @@ def case_engine(cfg: BenchConfig, log: Log) -> list[dict]:
                 row.update(name=f"engine step 256 neurons, {server_threads} thread(s) as served",
                            threads=server_threads, server_threads=True)  # fmt: skip
                 rows.append(row)
+            rows += _against_tokens_only_rows(model, 256, iters, server_threads, log)
             if not cfg.quick:
                 rows += _compiled_against_eager_rows(model, 256, iters, server_threads, log)
                 rows.append(_calibrated_engine_row(model, 256, cfg.device, iters, log))
@@ -172,47 +173,87 @@ def case_engine(cfg: BenchConfig, log: Log) -> list[dict]:
     return rows
 
 
+def _alternate(
+    engines: dict[str, Any], n: int, iters: int, warmup: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Step ``engines`` alternately on the same frames; per engine its step and DAT times (ms).
+
+    Alternating frame by frame (and which goes first) puts all under the same
+    load, so their ratio holds on a noisy shared machine where two
+    back-to-back runs differ by more than what is compared.
+    """
+    frames = (300 + 20 * np.random.default_rng(n).standard_normal((n, 256))).astype(np.float32)
+    names = list(engines)
+    ms: dict[str, list[float]] = {k: [] for k in names}
+    dat_ms: dict[str, list[float]] = {k: [] for k in names}
+    for t in range(warmup + iters):
+        for name in names[t % len(names) :] + names[: t % len(names)]:
+            t0 = time.perf_counter()
+            pred = engines[name].step(frames[:, t % 256], seq=t)
+            if t >= warmup:
+                ms[name].append((time.perf_counter() - t0) * 1e3)
+                dat_ms[name].append(pred.timings_ms["dat"])
+    return {k: (np.asarray(ms[k]), np.asarray(dat_ms[k])) for k in names}
+
+
 def _compiled_against_eager_rows(
     model: Any, n: int, iters: int, threads: int, log: Log
 ) -> list[dict]:
-    """``EngineConfig.compile`` against the eager step, stepped alternately on the same frames.
-
-    Alternating frame by frame (and which goes first) puts both under the same
-    load, so their ratio holds on a noisy shared machine where two
-    back-to-back runs differ by more than compiling gains.
-    """
+    """``EngineConfig.compile`` against the eager step, stepped alternately on the same frames."""
     from calm_rt.live.engine import EngineConfig, StreamingEngine
 
     engines = {
-        compiled: StreamingEngine(model, EngineConfig(n_neurons=n, fps=30.0, compile=compiled))
-        for compiled in (False, True)
+        what: StreamingEngine(
+            model, EngineConfig(n_neurons=n, fps=30.0, compile=what == "compiled")
+        )
+        for what in ("eager", "compiled")
     }
-    frames = (300 + 20 * np.random.default_rng(n).standard_normal((n, 256))).astype(np.float32)
-    warmup = 4 * model.config.context_frames
-    ms: dict[bool, list[float]] = {False: [], True: []}
-    dat_ms: dict[bool, list[float]] = {False: [], True: []}
-    for t in range(warmup + iters):
-        for compiled in (t % 2 == 0, t % 2 == 1):
-            t0 = time.perf_counter()
-            pred = engines[compiled].step(frames[:, t % 256], seq=t)
-            if t >= warmup:
-                ms[compiled].append((time.perf_counter() - t0) * 1e3)
-                dat_ms[compiled].append(pred.timings_ms["dat"])
+    times = _alternate(engines, n, iters, 4 * model.config.context_frames)
     rows = []
-    for compiled in (False, True):
-        what = "compiled" if compiled else "eager"
+    for what, (ms, dat_ms) in times.items():
         row = {"name": f"engine step {n} neurons, {what}, alternating, {threads} thread(s)",
                "case": "engine step compile", "neurons": n, "threads": threads,
-               "compiled": compiled, "dat_p50_ms": round(float(np.median(dat_ms[compiled])), 4),
-               **stats(np.asarray(ms[compiled]))}  # fmt: skip
-        if compiled:
-            row["compile_s"] = round(engines[True].compile_seconds, 2)
+               "compiled": what == "compiled", "dat_p50_ms": round(float(np.median(dat_ms)), 4),
+               **stats(ms)}  # fmt: skip
+        if what == "compiled":
+            row["compile_s"] = round(engines[what].compile_seconds, 2)
             row["p50_vs_eager"] = round(row["p50_ms"] / rows[0]["p50_ms"], 3)
         rows.append(row)
     log(
         f"  engine step {n} neurons compiled / eager, alternating: p50 {rows[1]['p50_ms']:.3f} / "
         f"{rows[0]['p50_ms']:.3f} ms, DAT {rows[1]['dat_p50_ms']:.3f} / {rows[0]['dat_p50_ms']:.3f} "
         f"ms (compiled in {rows[1]['compile_s']:.1f} s)"
+    )
+    return rows
+
+
+def _against_tokens_only_rows(model: Any, n: int, iters: int, threads: int, log: Log) -> list[dict]:
+    """The model's step against a tokens-only model of the earlier checkpoints' shape.
+
+    The continuous path (raw window into the transformer, the continuous
+    head) is what the current checkpoint adds; the ``small-tokens`` preset is
+    the checkpoints before it (weights do not change the time: random ones).
+    """
+    from calm_rt.live.engine import EngineConfig, StreamingEngine
+    from calm_rt.model import PRESETS, CalM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokens_only = CalM(PRESETS["small-tokens"]).eval()
+    engines = {
+        what: StreamingEngine(m, EngineConfig(n_neurons=n, fps=30.0))
+        for what, m in (("this checkpoint", model), ("tokens only", tokens_only))
+    }
+    times = _alternate(engines, n, iters, 4 * model.config.context_frames)
+    rows = []
+    for what, (ms, dat_ms) in times.items():
+        rows.append({"name": f"engine step {n} neurons, {what}, alternating, {threads} thread(s)",
+                     "case": "engine step vs tokens only", "neurons": n, "threads": threads,
+                     "model": what, "dat_p50_ms": round(float(np.median(dat_ms)), 4), **stats(ms)})  # fmt: skip
+    rows[0]["p50_vs_tokens_only"] = round(rows[0]["p50_ms"] / rows[1]["p50_ms"], 3)
+    log(
+        f"  engine step {n} neurons, this checkpoint / tokens only, alternating: p50 "
+        f"{rows[0]['p50_ms']:.3f} / {rows[1]['p50_ms']:.3f} ms ({rows[0]['p50_vs_tokens_only']:.2f}x)"
     )
     return rows
 
