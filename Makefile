@@ -53,7 +53,7 @@ format: install
 	$(VENV)/bin/ruff check --fix calm_rt kernels napari_plugin bench scripts tests
 	$(VENV)/bin/ruff format calm_rt kernels napari_plugin bench scripts tests
 
-# Rebuild the shipped default checkpoint (about 30 min on the 2-core dev machine; see
+# Rebuild the shipped default checkpoint (24 min on the 2-core dev machine; see
 # README): simulated animals as the rig records them (30 Hz), animals of varied rates,
 # sizes, indicators and dynamics, and the training blocks of the three real recordings.
 checkpoint: install

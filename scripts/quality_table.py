@@ -5,7 +5,8 @@
 
 Each file is one column: forecasting score (1 - MSE/MSE(copy last)) per
 model, MSE at h = 1 and 16 (for a baseline trained several times, the range
-of its runs' scores), interval coverage of `calm` per horizon, and
+of its runs' scores), interval coverage of `calm` and `calm_zeroshot` per
+horizon (where the files have it), and
 behaviour decoding R2 where the data has behaviour.
 """
 
@@ -15,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-MODELS = ("calm", "calm_live", "calm_zeroshot", "linear_ar", "poco_mlp", "copy_last")
+MODELS = (
+    "calm", "calm_live", "calm_zeroshot", "calm_tokens", "linear_ar", "poco_mlp", "copy_last",
+)  # fmt: skip
 DECODERS = ("calm_ridge", "ridge", "gru")
 
 
@@ -43,23 +46,9 @@ def main(paths: list[str]) -> int:
             cells.append(f"{f['score']:.3f} ({by_h.get('1', float('nan')):.3f} / "
                          f"{by_h.get('16', float('nan')):.3f}{runs})")  # fmt: skip
         print(f"| `{m}` | " + " | ".join(cells) + " |")
-    print()
-    print(
-        "| `calm` interval coverage, +-1 s.d. / +-1.645 s.d. (s.d./RMSE) | "
-        + " | ".join(names)
-        + " |"
-    )
-    print("|---|" + "---|" * len(names))
-    horizons = next(iter(results.values()))["calibration"]["by_horizon"]
-    for h in horizons:
-        cells = []
-        for r in results.values():
-            c = r["calibration"]["by_horizon"].get(h)
-            cells.append(
-                "-" if c is None
-                else f"{c['nominal_68']:.1%} / {c['nominal_90']:.1%} ({c['sd_over_rmse']:.2f})"
-            )  # fmt: skip
-        print(f"| h = {h} | " + " | ".join(cells) + " |")
+    for key, who in (("calibration", "calm"), ("calibration_zeroshot", "calm_zeroshot")):
+        if all(key in r for r in results.values()):
+            _coverage_table(results, key, who)
     with_dec = {n: r for n, r in results.items() if "decoding" in r}
     if with_dec:
         print()
@@ -72,6 +61,26 @@ def main(paths: list[str]) -> int:
             ]
             print(f"| `{d}` | " + " | ".join(cells) + " |")
     return 0
+
+
+def _coverage_table(results: dict[str, dict], key: str, who: str) -> None:
+    names = list(results)
+    print()
+    print(
+        f"| `{who}` interval coverage, +-1 s.d. / +-1.645 s.d. (s.d./RMSE) | "
+        + " | ".join(names)
+        + " |"
+    )
+    print("|---|" + "---|" * len(names))
+    for h in next(iter(results.values()))[key]["by_horizon"]:
+        cells = []
+        for r in results.values():
+            c = r[key]["by_horizon"].get(h)
+            cells.append(
+                "-" if c is None
+                else f"{c['nominal_68']:.1%} / {c['nominal_90']:.1%} ({c['sd_over_rmse']:.2f})"
+            )  # fmt: skip
+        print(f"| h = {h} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

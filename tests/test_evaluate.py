@@ -79,8 +79,10 @@ def test_evaluate_emits_the_full_json(sessions):
     assert result["fps"] == 30.0
     forecast = result["forecast"]
     assert set(forecast) == {
-        "calm", "calm_zeroshot", "calm_live", "copy_last", "linear_ar", "poco_mlp"
+        "calm", "calm_zeroshot", "calm_tokens", "calm_live", "copy_last", "linear_ar", "poco_mlp"
     }  # fmt: skip
+    # Zero-shot is the continuous head's forecast, the token forecast its own row.
+    assert forecast["calm_zeroshot"]["score"] != forecast["calm_tokens"]["score"]
     for name, metrics in forecast.items():
         assert {"score", "mse", "mae", "pearson", "mse_by_horizon"} <= set(metrics), name
         assert list(metrics["mse_by_horizon"]) == [str(h) for h in HORIZONS]
@@ -101,6 +103,9 @@ def test_evaluate_emits_the_full_json(sessions):
     assert {"calm_ridge", "ridge", "gru"} <= set(result["decoding"])
     assert set(result["groups"]) == {"heldout_sessions", "heldout_animals"}
     assert 0 <= result["calibration"]["nominal_90"] <= 1
+    zeroshot = result["calibration_zeroshot"]
+    assert set(zeroshot["by_horizon"]) == {str(h) for h in HORIZONS}
+    assert 0 <= zeroshot["nominal_68"] <= zeroshot["nominal_90"] <= 1
     json.dumps(result)  # serialisable as is
 
 

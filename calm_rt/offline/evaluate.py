@@ -150,6 +150,16 @@ def _coverage(mean: np.ndarray, sd: np.ndarray, target: np.ndarray) -> dict[str,
     return out
 
 
+def _intervals(mean: np.ndarray, sd: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+    """Pooled coverage at +-1 and +-1.645 s.d., and per horizon (:func:`_coverage`)."""
+    err = np.abs(target - mean)
+    return {
+        "nominal_68": float((err <= sd).mean()),
+        "nominal_90": float((err <= 1.645 * sd).mean()),
+        "by_horizon": _coverage(mean, sd, target),
+    }
+
+
 @dataclass
 class CalmForecasts:
     """CalM's outputs on one session: the whole-recording pass and its calibration."""
@@ -249,7 +259,8 @@ def evaluate(
     ``sessions``, ``forecast`` with ``mse_by_horizon`` per model,
     ``decoding`` when behaviour exists) plus ``groups`` (held-out animals /
     sessions separately), ``calibration`` (interval coverage of ``calm``,
-    pooled and per horizon) and the ``tokenizer`` report.
+    pooled and per horizon; ``calibration_zeroshot`` the same of
+    ``calm_zeroshot`` with the model's own s.d.) and the ``tokenizer`` report.
     """
     from calm_rt.offline.baselines import (
         CopyLast,
@@ -287,7 +298,9 @@ def evaluate(
     h = protocol.horizon
     per_session: list[dict[str, Any]] = []
     calm_of: dict[int, CalmForecasts] = {}
-    pooled: dict[str, list[np.ndarray]] = {"mean": [], "sd": [], "target": []}
+    pooled: dict[str, list[np.ndarray]] = {
+        "mean": [], "sd": [], "target": [], "zeroshot": [], "zeroshot_sd": []
+    }  # fmt: skip
     live_diff = 0.0
     for k in scored:
         s = sessions[k]
@@ -318,6 +331,8 @@ def evaluate(
         pooled["mean"].append(outputs["calm"])
         pooled["sd"].append(sd.numpy())
         pooled["target"].append(target)
+        pooled["zeroshot"].append(outputs["calm_zeroshot"])
+        pooled["zeroshot_sd"].append(off.forecast_std[:, e, :h].transpose(0, 1).numpy())
         if live:
             say(f"replaying {s.session.session_id} through the streaming engine")
             replay = replay_session(s.session, model, horizon=h, calibration=calm.calibration)
@@ -343,22 +358,18 @@ def evaluate(
         *(["calm_live"] if live else []),
         *(f.name for f in forecasters),
     ]
-    mean_all, sd_all, target_all = (
-        np.concatenate([a.reshape(-1, h) for a in pooled[key]]) for key in ("mean", "sd", "target")
-    )
-    by_h = _coverage(mean_all, sd_all, target_all)
-    err = np.abs(target_all - mean_all)
+    every = {key: np.concatenate([a.reshape(-1, h) for a in rows]) for key, rows in pooled.items()}
     result: dict[str, Any] = {
         "context": protocol.context,
         "horizon": protocol.horizon,
         "fps": float(np.median([sessions[k].session.fps for k in scored])),
         "sessions": len(scored),
         "forecast": {n: _mean_rows([r[n] for r in per_session]) for n in names},
-        "calibration": {
-            "nominal_68": float((err <= sd_all).mean()),
-            "nominal_90": float((err <= 1.645 * sd_all).mean()),
-            "by_horizon": by_h,
-        },
+        "calibration": _intervals(every["mean"], every["sd"], every["target"]),
+        # What an uncalibrated engine publishes: the continuous head's learned s.d.
+        "calibration_zeroshot": _intervals(
+            every["zeroshot"], every["zeroshot_sd"], every["target"]
+        ),
         "tokenizer": tokenizer_report(model, [sessions[k] for k in scored]),
         "groups": {},
         "per_session": per_session,
