@@ -197,7 +197,7 @@ def test_dat_batches_carry_each_tokens_raw_frames(sessions):
     from calm_rt.model import PRESETS
 
     model_cfg = PRESETS["tiny"]
-    p, c, h = model_cfg.patch, model_cfg.context_frames, model_cfg.horizon_frames
+    p, c, h = model_cfg.patch, model_cfg.forecast_context, model_cfg.horizon_frames
     cfg = TrainConfig(min_neurons=2, max_neurons=12, sequence_budget=24, seq_tokens=6)
     ends = [train._train_window_ends(s, train._dat_span(cfg, model_cfg)) for s in sessions]
     # Token ids that name their session, neuron and frame, so a batch says what it drew.

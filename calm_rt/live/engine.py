@@ -227,9 +227,9 @@ class StreamingEngine:
                 f"horizon must be in [1, {mc.horizon_frames}] frames, got {config.horizon}"
             )
         n, dat = config.n_neurons, mc.dat
-        if model.forecast_head is not None and mc.context_frames > HISTORY:
+        if model.forecast_head is not None and mc.forecast_context > HISTORY:
             raise ConfigError(
-                f"the model's continuous head reads {mc.context_frames} frames; the engine keeps "
+                f"the model's continuous head reads {mc.forecast_context} frames; the engine keeps "
                 f"{HISTORY}"
             )
         self.n = n
@@ -247,7 +247,7 @@ class StreamingEngine:
         self.recent = self.history
         if self.device.type != "cpu":
             self.recent = torch.zeros(n, HISTORY, device=self.device, dtype=torch.float32)
-        self._head_context = mc.context_frames
+        self._head_context = mc.forecast_context
         self.forecast_calibration: ForecastCalibration | None = None
         self._forecast_recorder: CalibrationRecorder | None = None
         self._fit_thread: threading.Thread | None = None

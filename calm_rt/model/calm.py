@@ -55,7 +55,10 @@ class CalM(nn.Module):
         self.dat = DualAxisTransformer(config.dat, config.tokenizer.codebook_size, config.patch)
         self.forecast_head = (
             ContinuousForecastHead(
-                config.context_frames, config.horizon_frames, config.dat.width, config.forecast_head
+                config.forecast_context,
+                config.horizon_frames,
+                config.dat.width,
+                config.forecast_head,
             )
             if config.forecast_head
             else None
@@ -97,7 +100,7 @@ class CalM(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The model's forecast and s.d., then the token forecast and s.d., each ``[..., H]``.
 
-        ``context [..., C*P]``: the neuron's last frames, oldest first (0 where
+        ``context [..., forecast_context]``: the neuron's last frames, oldest first (0 where
         missing or before the recording); ``hidden [..., W]``, ``logits [..., k, K]``.
         Without a continuous head the model's forecast is the token forecast.
         """
@@ -116,10 +119,10 @@ class CalM(nn.Module):
         """
         z = torch.nan_to_num(z.float(), nan=0.0)
         n, t = z.shape
-        p, c = self.config.patch, self.config.context_frames
+        p, c = self.config.patch, self.config.forecast_context
         windows = frame_windows(z, p)  # [N, T, P]
         tokens = self.tokenizer.tokenize_windows(windows.reshape(n * t, p)).view(n, t)
-        contexts = frame_windows(z, c)  # [N, T, C*P] (a view)
+        contexts = frame_windows(z, c)  # [N, T, forecast_context] (a view)
         h = self.config.horizon_frames
         keys = ("mean", "std", "token_mean", "token_std")
         out = {k: torch.empty(n, t, h, device=z.device) for k in keys}
@@ -146,16 +149,17 @@ class CalM(nn.Module):
 
         Uses only the window (the evaluation protocol's fixed context): the
         chain ending at the window's last frame, at most C tokens, and the
-        window's last C*P frames for the continuous head (zeros before it).
+        window's last ``forecast_context`` frames for the continuous head
+        (zeros before it).
         """
         z = torch.nan_to_num(z.float(), nan=0.0)
         b, n, tc = z.shape
-        p, c = self.config.patch, self.config.context_frames
+        p, c = self.config.patch, self.config.forecast_context
         ends = torch.arange(tc - 1, -1, -p).flip(0)[-self.config.dat.context_tokens :]
         windows = frame_windows(z, p)[:, :, ends]  # [B, N, L, P]
         ids = self.tokenizer.tokenize_windows(windows.reshape(-1, p)).view(b, n, -1)
         hidden, logits = self.dat(ids, values=windows)
-        context = frame_windows(z, c)[:, :, -1]  # [B, N, C*P]
+        context = frame_windows(z, c)[:, :, -1]  # [B, N, forecast_context]
         mean, std, _, _ = self.forecast(context, hidden[:, :, -1], logits[:, :, -1])
         return mean, std
 

@@ -55,7 +55,9 @@ class CalMConfig:
     """The whole model. ``behavior_names`` is empty until a head is fine-tuned.
 
     ``forecast_head``: hidden width of the continuous forecast head (0: none,
-    the forecast is the tokens' alone, as in checkpoints before it).
+    the forecast is the tokens' alone, as in checkpoints before it);
+    ``forecast_context``: frames of each neuron's own past it reads (POCO's
+    48), whatever the transformer's window.
     """
 
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -63,6 +65,7 @@ class CalMConfig:
     behavior_names: tuple[str, ...] = ()
     behavior_queries: int = 4
     forecast_head: int = 0
+    forecast_context: int = 48
 
     def __post_init__(self) -> None:
         t, d = self.tokenizer, self.dat
@@ -76,6 +79,8 @@ class CalMConfig:
             raise ConfigError("context_tokens and horizon_tokens must be >= 1")
         if self.forecast_head < 0:
             raise ConfigError(f"forecast_head must be >= 0, got {self.forecast_head}")
+        if self.forecast_context < 2:
+            raise ConfigError(f"forecast_context must be >= 2 frames, got {self.forecast_context}")
 
     @property
     def patch(self) -> int:
@@ -101,6 +106,7 @@ class CalMConfig:
                 behavior_names=tuple(data.get("behavior_names", ())),
                 behavior_queries=int(data.get("behavior_queries", 4)),
                 forecast_head=int(data.get("forecast_head", 0)),
+                forecast_context=int(data.get("forecast_context", 48)),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(

@@ -215,14 +215,16 @@ class DATBatch(NamedTuple):
     inputs: Tensor  # [B, n, L] token ids
     targets: Tensor  # [B, n, L, k] the token m chain steps ahead
     values: Tensor  # [B, n, L, P] the raw window each input token summarises
-    context: Tensor  # [B, n, L, C*P] the last C*P frames at each input (the continuous head's)
+    context: (
+        Tensor  # [B, n, L, forecast_context] the frames up to each input (the continuous head's)
+    )
     future: Tensor  # [B, n, L, k*P] the frames after each input
 
 
 def _dat_span(cfg: TrainConfig, model_cfg: CalMConfig) -> int:
     """Frames one training window covers: the chains, their targets, the first input's context."""
     p, k = model_cfg.patch, model_cfg.dat.horizon_tokens
-    return p * (cfg.seq_tokens + k - 1) + max(p, model_cfg.context_frames)
+    return p * (cfg.seq_tokens + k - 1) + max(p, model_cfg.forecast_context)
 
 
 def _sample_dat_batch(
@@ -257,12 +259,12 @@ def _sample_dat_batch(
     inputs = chain[..., :length]
     targets = torch.stack([chain[..., m : m + length] for m in range(1, k + 1)], dim=-1)
     # Raw frames around each input: its context (and window) before, the horizon after.
-    c = max(p, model_cfg.context_frames)
+    c = max(p, model_cfg.forecast_context)
     offsets = np.arange(-c + 1, k * p + 1)
     idx = frames[:, :length, None] + offsets[None, None, :]  # [B, L, C + H]
     raw = np.nan_to_num(s.z[neurons][:, idx]).transpose(1, 0, 2, 3)  # [B, n, L, C + H]
     raw = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
-    context = raw[..., c - model_cfg.context_frames : c]
+    context = raw[..., c - model_cfg.forecast_context : c]
     return DATBatch(inputs, targets, raw[..., c - p : c], context, raw[..., c:])
 
 
