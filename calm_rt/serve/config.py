@@ -9,7 +9,7 @@ from typing import Any
 
 from calm_rt.errors import ConfigError
 from calm_rt.live.device import resolve_device
-from calm_rt.live.engine import DTYPES
+from calm_rt.live.engine_config import DTYPES
 from calm_rt.serve.priority import PRIORITIES, check_cpus
 from calm_rt.wire.security import CurveKeys, check_bind_policy
 
